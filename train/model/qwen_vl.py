@@ -1,0 +1,207 @@
+"""Qwen-VL: vision tower + adapter + decoder, with image features written into `<img>` spans.
+
+Each `<img>` token is followed by `n_queries` (256) slot tokens and `</img>`; the slot embeddings
+are replaced by the adapter output of the matching image (images ordered as their `<img>` tokens
+appear scanning rows in order). Training loss is a shifted, chunked cross-entropy that also
+ignores targets crossing a packed-segment boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .config import QwenVLConfig
+from .llm import KVCache, QwenLM
+from .loss import IGNORE_INDEX
+from .vision import VisionTower
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None = None  # mean CE over valid target tokens (fp32)
+    loss_sum: torch.Tensor | None = None  # sum of CE over valid tokens (fp32)
+    n_tokens: torch.Tensor | None = None  # number of valid target tokens (Long)
+    row_loss_sum: torch.Tensor | None = None  # [B] per-row CE sums (for per-task logging)
+    row_n_tokens: torch.Tensor | None = None  # [B] per-row valid token counts
+    logits: torch.Tensor | None = None  # [B,T,V], only when labels is None
+
+
+def _requires_grad(m: nn.Module) -> bool:
+    return any(p.requires_grad for p in m.parameters())
+
+
+def shift_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """targets[t] = labels[t+1]; -100 at the last position, at padding, and across segment boundaries."""
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if segment_ids is not None:
+        cross = torch.ones_like(labels, dtype=torch.bool)
+        cross[:, :-1] = (segment_ids[:, 1:] != segment_ids[:, :-1]) | (segment_ids[:, :-1] == 0)
+        targets = targets.masked_fill(cross, IGNORE_INDEX)
+    return targets
+
+
+class QwenVL(nn.Module):
+    def __init__(self, cfg: QwenVLConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.adapter = Adapter(cfg.adapter, kv_dim=cfg.vision.width, dim=cfg.llm.hidden)
+        self.llm = QwenLM(cfg.llm)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def num_parameters(self, trainable_only: bool = False) -> dict[str, int]:
+        """Parameter counts per submodule plus the total (optionally only those requiring grad)."""
+
+        def count(m: nn.Module) -> int:
+            return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable_only)
+
+        out = {"visual": count(self.visual), "adapter": count(self.adapter), "llm": count(self.llm)}
+        out["total"] = sum(out.values())
+        return out
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.llm.set_grad_checkpointing(enabled)
+        if hasattr(self.visual, "set_grad_checkpointing"):
+            self.visual.set_grad_checkpointing(enabled)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixels [N,3,S,S] -> [N, n_queries, hidden]. A frozen tower runs without an autograd graph."""
+        p = next(self.visual.parameters())
+        pixel_values = pixel_values.to(device=p.device, dtype=p.dtype)
+        if _requires_grad(self.visual):
+            feats = self.visual(pixel_values)
+        else:
+            with torch.no_grad():
+                feats = self.visual(pixel_values)
+        return self.adapter(feats)
+
+    def _image_slots(self, input_ids: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate image spans; return (rows, cols) [N, n_queries] of the slot positions in row-major order."""
+        ids, q = self.cfg.ids, self.cfg.adapter.n_queries
+        B, T = input_ids.shape
+        starts = (input_ids == ids.img_start).nonzero()  # row-major order
+        n_end = int((input_ids == ids.img_end).sum())
+        if starts.shape[0] != n_images:
+            raise ValueError(
+                f"batch has {starts.shape[0]} <img> tokens (id {ids.img_start}) but {n_images} images in "
+                f"pixel_values; rows with <img>: {sorted(set(starts[:, 0].tolist()))}"
+            )
+        if n_end != n_images:
+            raise ValueError(f"batch has {n_end} </img> tokens (id {ids.img_end}) but {n_images} images")
+        if n_images == 0:
+            empty = input_ids.new_zeros((0, q))
+            return empty, empty
+        rows, pos = starts[:, 0], starts[:, 1]
+        end = pos + q + 1
+        ok_len = end < T
+        end_tok = input_ids[rows, end.clamp(max=T - 1)]
+        bad = ~(ok_len & (end_tok == ids.img_end))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"image span at row {int(rows[i])}, position {int(pos[i])}: <img> must be followed by {q} "
+                f"slot tokens and </img> (id {ids.img_end}) at position {int(end[i])}"
+                + ("" if bool(ok_len[i]) else f", but the row has only {T} tokens (span truncated)")
+            )
+        cols = pos[:, None] + 1 + torch.arange(q, device=input_ids.device)
+        return rows[:, None].expand(-1, q), cols
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with adapter outputs written into the image slots."""
+        embeds = self.llm.embed(input_ids)
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        rows, cols = self._image_slots(input_ids, n_images)
+        if n_images > 0:
+            feats = self.encode_images(pixel_values)
+            embeds = embeds.index_put((rows, cols), feats.to(embeds.dtype))
+        elif torch.is_grad_enabled() and (_requires_grad(self.visual) or _requires_grad(self.adapter)):
+            # No image here, but trainable vision/adapter params must still get (zero) gradients so a
+            # data-parallel rank without images joins the gradient all-reduce instead of hanging.
+            s = self.cfg.vision.image_size
+            p = next(self.visual.parameters())
+            dummy = self.encode_images(torch.zeros(1, 3, s, s, device=p.device, dtype=p.dtype))
+            embeds = embeds + 0.0 * dummy.sum().to(embeds.dtype)
+        return embeds
+
+    # ---- training / scoring ---------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B,T], got shape {tuple(input_ids.shape)}")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids {tuple(input_ids.shape)}")
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        hidden = self.llm(embeds, position_ids=position_ids, segment_ids=segment_ids)
+        if labels is None:
+            return ModelOutput(logits=self.llm.logits(hidden))
+        B, T, H = hidden.shape
+        targets = shift_targets(labels, segment_ids)
+        per_tok = self.llm.lm_head(hidden.reshape(B * T, H), targets.reshape(-1), self.cfg.loss_chunk_tokens)
+        row_loss_sum = per_tok.view(B, T).sum(1)
+        row_n = (targets != IGNORE_INDEX).sum(1)
+        loss_sum, n = row_loss_sum.sum(), row_n.sum()
+        return ModelOutput(
+            loss=loss_sum / n.clamp(min=1),
+            loss_sum=loss_sum,
+            n_tokens=n,
+            row_loss_sum=row_loss_sum,
+            row_n_tokens=row_n,
+        )
+
+    # ---- inference ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_id: int | Sequence[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding with a KV cache. Returns [B, T + n_generated] (prompt included).
+
+        attention_mask [B,T] (1 = token, 0 = pad) allows left-padded batches. Finished rows are
+        filled with the first eos id. Stops when every row has produced an eos or after max_new_tokens.
+        """
+        eos = self.cfg.ids.eod if eos_id is None else eos_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        B, T = input_ids.shape
+        seg = pos = None
+        if attention_mask is not None:
+            if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+                raise ValueError("generate: attention_mask must be left-padded (zeros before ones)")
+            seg = attention_mask.long()
+            pos = (seg.cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(len(self.llm.h))
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        hidden = self.llm(embeds, position_ids=pos, segment_ids=seg, kv_cache=cache)
+        next_pos = pos[:, -1:] + 1 if pos is not None else None
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            tok = self.llm.logits(hidden[:, -1]).argmax(-1)
+            tok = torch.where(done, eos_ids[0], tok)
+            out.append(tok)
+            done |= torch.isin(tok, eos_ids)
+            if bool(done.all()):
+                break
+            step_seg = torch.ones_like(tok)[:, None] if seg is not None else None
+            hidden = self.llm(self.llm.embed(tok[:, None]), position_ids=next_pos, segment_ids=step_seg,
+                              kv_cache=cache)
+            if next_pos is not None:
+                next_pos = next_pos + 1
+        if not out:
+            return input_ids
+        return torch.cat([input_ids, torch.stack(out, 1)], dim=1)
