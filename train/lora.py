@@ -1,0 +1,129 @@
+"""LoRA and Q-LoRA on the LLM, with peft (SPEC §5: r 64, alpha 16, dropout 0.05 on c_attn, attn.c_proj, w1, w2).
+
+peft's adapters are injected into our own `QwenVL` (no Hugging Face wrapper needed). Two things the official
+fine-tuning code gets wrong are handled here:
+- Q-LoRA adapters "cannot be merged" there because the base is 4-bit. We never merge into the 4-bit weights:
+  `merged_state_dict` adds each adapter's delta (B @ A x scale) to the full-precision base weights (taken from
+  the model for LoRA, or from the original checkpoint for Q-LoRA), giving ordinary weights to export.
+- Q-LoRA under ZeRO-3 cannot work (4-bit parameters cannot be partitioned): `check_engine` refuses it early.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+# Internal names (DESIGN.md): only the decoder's linear layers; the ViT's mlp.c_proj must not match.
+DEFAULT_TARGETS: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2")
+ADAPTER = "default"
+
+
+class LoraError(ValueError):
+    """A LoRA / Q-LoRA setting that cannot work; the message names the setting."""
+
+
+def target_regex(targets: Sequence[str]) -> str:
+    """peft full-match regex for the LLM's blocks: `llm.h.N.<target>`."""
+    if not targets:
+        raise LoraError("lora.targets is empty")
+    alts = "|".join(re.escape(t) for t in targets)
+    return rf"llm\.h\.\d+\.(?:{alts})"
+
+
+def apply_lora(model: nn.Module, *, r: int = 64, alpha: float = 16, dropout: float = 0.05,
+               targets: Sequence[str] = DEFAULT_TARGETS, train_modules: Sequence[str] = ()) -> nn.Module:
+    """Inject LoRA adapters into the LLM in place. Everything else is frozen except `train_modules`
+    (top-level module names, e.g. ["adapter"], trained fully as the official full-adapter fine-tune does)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise LoraError(f"need lora.r >= 1, lora.alpha > 0 and 0 <= lora.dropout < 1; got {r}, {alpha}, {dropout}")
+    names = dict(model.named_children())
+    unknown = [m for m in train_modules if m not in names]
+    if unknown:
+        raise LoraError(f"lora.train_modules: unknown module(s) {unknown}; known: {sorted(names)}")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_regex(targets), bias="none")
+    try:
+        inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
+    except ValueError as err:  # peft's NoMatchingPeftModuleError
+        raise LoraError(f"lora.targets {list(targets)} matched no linear layer of the LLM ({err})") from err
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_" in name or name.split(".", 1)[0] in train_modules)
+    return model
+
+
+def lora_layers(model: nn.Module):
+    """(name, layer) of every injected LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            yield name, m
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the trainable parameters (adapters + fully trained modules): what a LoRA checkpoint must hold."""
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def base_key(key: str) -> str:
+    """Internal name of a parameter with peft's wrapping removed (`x.base_layer.weight` -> `x.weight`)."""
+    return key.replace(".base_layer.", ".")
+
+
+def merged_state_dict(model: nn.Module, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Plain internal state dict (no LoRA keys) with every adapter's delta added to its base weight.
+
+    `base`: full-precision weights to merge into (internal names), required for Q-LoRA where the model only
+    holds 4-bit weights; taken from the model itself for LoRA."""
+    deltas = {f"{name}.weight": layer.get_delta_weight(ADAPTER).detach() for name, layer in lora_layers(model)}
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        k = base_key(key)
+        src = base[k] if base is not None and k in base else t
+        if k in deltas:
+            if not torch.is_floating_point(src) or src.shape != deltas[k].shape:
+                raise LoraError(f"{k}: cannot merge a {tuple(deltas[k].shape)} LoRA delta into a {src.dtype} "
+                                f"{tuple(src.shape)} base; pass the full-precision base weights")
+            src = (src.float() + deltas[k].float()).to(src.dtype)
+        out[k] = src.detach().clone()
+    return out
+
+
+def check_engine(qlora: bool, zero_stage: int, device: str) -> None:
+    """Q-LoRA needs CUDA (bitsandbytes kernels) and cannot be sharded by ZeRO-3."""
+    if not qlora:
+        return
+    if zero_stage == 3:
+        raise LoraError("lora.qlora=true cannot run under engine.zero_stage=3 (4-bit weights cannot be partitioned); "
+                        "use engine=zero2")
+    if device != "cuda":
+        raise LoraError("lora.qlora=true needs a CUDA device (bitsandbytes 4-bit kernels); use plain LoRA on the CPU")
+
+
+def quantize_llm_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace the LLM's block linears with bitsandbytes NF4 layers (Q-LoRA base); returns how many.
+    lm_head and embeddings stay in full precision, as in QLoRA. Call before `apply_lora`, on CUDA."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise LoraError("lora.qlora=true needs bitsandbytes: pip install 'qwenvl-train[gpu]'") from err
+    n = 0
+    for name, parent in list(model.named_modules()):
+        if not re.fullmatch(r"llm\.h\.\d+\.(?:attn|mlp)", name):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute_dtype, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+                setattr(parent, child_name, q.cuda())
+                n += 1
+    return n
