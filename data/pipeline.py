@@ -1,0 +1,291 @@
+"""Stage data pipeline: shards -> raw samples -> Samples (decode/tokenise in a process pool) -> packed batches.
+
+``build_stage_stream(stage, sources, ...)`` wires ``data.loader.build_stream`` -> ``ResumableLoader`` (which
+runs the ``SampleBuilder`` on ``num_workers`` processes, keeping stream order) -> ``data.packing.Packer`` ->
+``collate_rows``. The result, ``StageStream``, is what the training loop iterates.
+
+Exact resume: between two batches the only state outside the loader is the packer's buffer of pending
+samples. ``state_dict()`` stores the loader state (stream position, shuffle buffer and prefetched samples, as
+references) plus the references of the pending samples in arrival order; ``load_state_dict()`` re-reads those
+with ``read_refs`` and runs them through the same (deterministic) ``SampleBuilder`` again, so the packer
+holds exactly what it held and the next batches equal the uninterrupted stream's. The state is plain
+Python data (lists, dicts, ints, strs), so ``torch.load(weights_only=True)`` reads it back.
+
+Bad samples: the loader skips and counts unreadable tar members etc.; the ``SampleBuilder`` raises
+``SkipSample(reason)`` for bad images / missing fields, which is counted here under that reason (and logged,
+rate-limited) or, with ``strict=True``, raised as a ``SampleError`` naming the sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from data.loader import (
+    LoaderError,
+    MixedStream,
+    RawSample,
+    ResumableLoader,
+    ShardStream,
+    build_stream,
+    read_refs,
+)
+from data.packing import EOD_ID, IMG_START_ID, Packer, collate_rows
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class SampleError(ValueError):
+    """A sample the SampleBuilder refused, in strict mode (message names the shard, sample and reason).
+
+    A plain one-argument exception so that it pickles across the process pool unchanged."""
+
+
+@dataclass
+class SampleSkipped:
+    """Returned by ``SampleMapper`` instead of a Sample when the builder refuses one (non-strict)."""
+
+    reason: str
+    key: str
+    url: str
+    index: int
+    detail: str
+
+
+_worker_pid: int | None = None
+
+
+def _init_worker() -> None:
+    """Once per pool-worker process: one torch thread, as torch's DataLoader does. Besides avoiding oversubscription this
+    is what keeps a forked worker alive: libgomp is not fork-safe, so the first multi-threaded op of a child
+    forked from a parent that already ran OpenMP ops deadlocks (seen in tensor pickling's storage copy)."""
+    global _worker_pid
+    if _worker_pid != os.getpid():  # per process: a forked child inherits the parent's value
+        _worker_pid = os.getpid()
+        torch.set_num_threads(1)
+
+
+class SampleMapper:
+    """Picklable ``map_fn`` for ``ResumableLoader``: ``RawSample -> Sample | SampleSkipped``.
+
+    Only ``SkipSample`` (bad input) becomes a counted skip; any other exception is a bug and propagates
+    (``ResumableLoader`` re-raises it naming the sample)."""
+
+    def __init__(self, builder: Any, strict: bool = False):
+        self.builder, self.strict = builder, strict
+        self._in_worker = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # only pool workers receive pickled copies; the main process (inline use, restore) keeps its threads
+        return {**self.__dict__, "_in_worker": True}
+
+    def __call__(self, raw: RawSample) -> Any:
+        from data.samples import SkipSample
+
+        if self._in_worker:
+            _init_worker()
+        try:
+            s = self.builder(raw)
+        except SkipSample as e:
+            reason = str(getattr(e, "reason", None) or "skipped")
+            if self.strict:
+                raise SampleError(f"{raw.url}: sample {raw.key!r} (#{raw.index}, source {raw.source!r}): "
+                                  f"{reason}: {e}") from None
+            detail = str(getattr(e, "message", None) or e)
+            return SampleSkipped(reason, raw.key, raw.url, raw.index, detail)
+        if not getattr(s, "ref", None):
+            s.ref = raw.ref()
+        return s
+
+
+class _SkipLog:
+    """Counts skips by reason; logs the first of every reason and then at most one summary per interval."""
+
+    def __init__(self, interval_s: float = 60.0):
+        self.counts: Counter[str] = Counter()
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def __call__(self, sk: SampleSkipped) -> None:
+        first = self.counts[sk.reason] == 0
+        self.counts[sk.reason] += 1
+        now = time.monotonic()
+        if first:
+            where = "" if sk.url in sk.detail else f" ({sk.url} #{sk.index})"
+            logger.warning("skipping sample %r: %s: %s%s; further %r skips are counted", sk.key, sk.reason,
+                           sk.detail, where, sk.reason)
+        elif now - self._last >= self.interval_s:
+            logger.warning("sample skips so far: %s (latest: %r in %s: %s)", dict(self.counts), sk.key, sk.url,
+                           sk.reason)
+        else:
+            return
+        self._last = now
+
+
+class StageStream:
+    """Iterator of collated batches (DESIGN.md "Batches") with exact ``state_dict``/``load_state_dict``.
+
+    ``pack=False`` gives one sample per row, padded to the longest row of the batch (``pad_to_seq_len=True``:
+    to ``seq_len``). A finite stream ends with a last, possibly smaller batch unless ``drop_last``."""
+
+    def __init__(self, loader: ResumableLoader, mapper: SampleMapper, *, seq_len: int, batch_size: int,
+                 pack: bool = True, same_task: bool = False, pack_buffer: int = 128, image_size: int | None = None,
+                 pad_to_seq_len: bool = False, drop_last: bool = False, pad_id: int = EOD_ID,
+                 img_start_id: int = IMG_START_ID, fingerprint: dict[str, Any] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.loader, self.mapper = loader, mapper
+        self.seq_len, self.batch_size, self.pack = int(seq_len), int(batch_size), bool(pack)
+        self.image_size, self.pad_to_seq_len, self.drop_last = image_size, pad_to_seq_len, drop_last
+        self.pad_id, self.img_start_id = pad_id, img_start_id
+        self.packer = Packer(self.seq_len, buffer_size=pack_buffer if pack else 1, same_task=same_task,
+                             img_start_id=img_start_id)
+        self._fingerprint = {"seq_len": self.seq_len, "batch_size": self.batch_size, "pack": self.pack,
+                             "same_task": bool(same_task), "pack_buffer": int(pack_buffer), **(fingerprint or {})}
+        self._skips = _SkipLog()
+        self.counters: Counter[str] = Counter({"samples": 0, "rows": 0, "real_tokens": 0, "slots": 0,
+                                               "batches": 0})
+        self._gen: Iterator[dict[str, Any]] | None = None
+
+    # ---- iteration ----
+    def __iter__(self) -> StageStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._gen is None:
+            self._gen = self._batches()
+        return next(self._gen)
+
+    def _next_sample(self, src: Iterator[Any]) -> Any:
+        for item in src:
+            if isinstance(item, SampleSkipped):
+                self._skips(item)
+                continue
+            return item
+        return None
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        src = iter(self.loader)
+        exhausted = False
+        while True:
+            rows = []
+            while len(rows) < self.batch_size:
+                while not exhausted and not self.packer.ready():
+                    s = self._next_sample(src)
+                    if s is None:
+                        exhausted = True
+                    else:
+                        self.packer.add(s)
+                if not len(self.packer):
+                    break
+                rows.append(self.packer.pop_row())
+            if not rows or (self.drop_last and len(rows) < self.batch_size):
+                return
+            T = self.seq_len if (self.pack or self.pad_to_seq_len) else None
+            batch = collate_rows(rows, T, pad_id=self.pad_id, image_size=self.image_size,
+                                 img_start_id=self.img_start_id)
+            c = self.counters
+            c["batches"] += 1
+            c["rows"] += len(rows)
+            c["samples"] += sum(len(r) for r in rows)
+            c["real_tokens"] += int((batch["segment_ids"] != 0).sum())
+            c["slots"] += batch["segment_ids"].numel()
+            yield batch
+
+    # ---- bookkeeping ----
+    def stats(self) -> dict[str, Any]:
+        """Skips by reason (loader + sample level), samples/rows/batches delivered, real tokens and slots."""
+        skipped = Counter(self.loader.skipped)
+        skipped.update(self._skips.counts)
+        c = self.counters
+        return {"skipped": dict(skipped), **{k: int(v) for k, v in c.items()},
+                "efficiency": c["real_tokens"] / c["slots"] if c["slots"] else 0.0, "pending": len(self.packer)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "config": dict(self._fingerprint), "loader": self.loader.state_dict(),
+                "pending": [list(s.ref) for s in self.packer.pending], "skipped": dict(self._skips.counts),
+                "counters": {k: int(v) for k, v in self.counters.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise LoaderError(f"stage stream state version {state.get('version')} != {STATE_VERSION}")
+        diff = {k: (state["config"].get(k), v) for k, v in self._fingerprint.items() if state["config"].get(k) != v}
+        if diff:
+            raise LoaderError(f"saved stage-stream state does not fit this pipeline (field: (saved, now)): {diff}")
+        self._gen = None  # a fresh generator continues from the restored state
+        self.loader.load_state_dict(state["loader"])
+        self.packer = Packer(self.seq_len, buffer_size=self.packer.buffer_size, same_task=self.packer.same_task,
+                             img_start_id=self.img_start_id)
+        for raw in read_refs(state["pending"]):
+            s = self.mapper(raw)
+            if isinstance(s, SampleSkipped):
+                raise LoaderError(f"{raw.url}: pending sample {raw.key!r} was packable when saved but is now "
+                                  f"skipped ({s.reason}: {s.detail}); did the data or the builder change?")
+            self.packer.add(s)
+        self._skips.counts = Counter({k: int(v) for k, v in state["skipped"].items()})
+        self.counters = Counter({k: int(v) for k, v in state["counters"].items()})
+
+    def close(self) -> None:
+        self._gen = None
+        self.loader.close()
+
+    def __enter__(self) -> StageStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def build_stage_stream(stage: int, sources: str | os.PathLike | Sequence[Any], *,
+                       tokenizer_path: str | os.PathLike | None = None, image_size: int, seq_len: int,
+                       batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, train: bool = True,
+                       buffer_size: int = 0, num_workers: int = 0, strict: bool = False, pack: bool = True,
+                       same_task: bool | None = None, pack_buffer: int = 128, truncate: str | None = None,
+                       max_pixels: int | None = None, pad_to_seq_len: bool = False, drop_last: bool = False,
+                       prefetch: int | None = None, mp_context: Any = None, builder: Any = None,
+                       **builder_kwargs: Any) -> StageStream:
+    """The batch stream of one training stage for one rank (see the module docstring).
+
+    ``sources``: a shard spec, a list of shard specs (one source), or a list of ``{"name", "shards",
+    "weight"}`` (mixed by weight, infinite).
+    ``train=False``: one pass in shard order without shuffling (held-out evaluation; a single source).
+    ``same_task`` defaults to ``stage == 2`` (the paper packs stage-2 rows with one task each).
+    ``truncate``, ``max_pixels`` and any extra keyword go to ``data.samples.SampleBuilder`` (None = its
+    default); ``builder`` replaces the SampleBuilder altogether (any picklable RawSample -> Sample callable)."""
+    if stage not in (1, 2, 3):
+        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+    same_task = (stage == 2) if same_task is None else bool(same_task)
+    if builder is None:
+        from data.samples import SampleBuilder
+
+        opts = {k: v for k, v in (("truncate", truncate), ("max_pixels", max_pixels)) if v is not None}
+        builder = SampleBuilder(stage, tokenizer_path, image_size, seq_len, seed=seed, **opts, **builder_kwargs)
+    elif builder_kwargs or truncate is not None or max_pixels is not None:
+        raise ValueError(f"builder given: SampleBuilder options {sorted(builder_kwargs)} would be ignored")
+    if not isinstance(sources, (str, os.PathLike)) and sources and all(isinstance(x, (str, os.PathLike))
+                                                                        for x in sources):
+        sources = [{"name": "default", "shards": [os.fspath(x) for x in sources]}]  # one source, many specs
+    stream: ShardStream | MixedStream = build_stream(
+        sources, seed=seed, epochs=None if train else 1, buffer_size=buffer_size if train else 0,
+        shuffle_shards=train, rank=rank, world_size=world_size, strict=strict)
+    if not train and isinstance(stream, MixedStream):
+        raise ValueError(f"train=False reads one pass of ONE source, but {len(stream.streams)} weighted sources "
+                         f"were given ({stream.names}); a mixture cycles forever. Pass one source (it may list "
+                         "several shard specs) per evaluation stream")
+    mapper = SampleMapper(builder, strict=strict)
+    loader = ResumableLoader(stream, mapper, num_workers=num_workers, prefetch=prefetch, mp_context=mp_context)
+    return StageStream(loader, mapper, seq_len=seq_len, batch_size=batch_size, pack=pack, same_task=same_task,
+                       pack_buffer=pack_buffer, image_size=image_size, pad_to_seq_len=pad_to_seq_len,
+                       drop_last=drop_last, fingerprint={"stage": stage, "image_size": image_size})
+
+
+__all__ = ["SampleError", "SampleMapper", "SampleSkipped", "StageStream", "build_stage_stream"]
