@@ -10,20 +10,17 @@ forever, so finishing within the timeout also tests the model's zero-weighted du
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import clean_env, run_group
 
 from train.model.official import resolve_checkpoint
 from train.synthetic import SyntheticBatches
 
-ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["data=synthetic", "model=micro_small_vocab", "model.vision.image_size=56",
           "data.seq_len=300", "train.steps=4", "train.save_every=0", "logging=quiet", "logging.every=1",
           "train.micro_batch_size=1", "train.global_batch_size=4", "train.export_final=true",
@@ -38,26 +35,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHON=sys.executable, **extra)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    env.update(extra)
-    return env
-
-
 def _run(cmd: list[str], **env: str) -> str:
-    """Run a launcher in its own process group; on timeout kill the whole group (launcher + workers)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        pytest.fail(f"{cmd[:4]} timed out after {TIMEOUT}s (a ZeRO-3 hang?)\n{out[-4000:]}")
-    assert p.returncode == 0, out[-6000:]
-    return out
+    p = run_group(cmd, clean_env(**env), TIMEOUT)
+    assert p.returncode == 0, p.stdout[-6000:]
+    return p.stdout
 
 
 def _curve(out: Path) -> list[tuple[float, float, float]]:

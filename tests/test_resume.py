@@ -7,21 +7,19 @@ processes (torchrun), killed mid-save and resumed. Then the real shard pipeline 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import ROOT, clean_env, run_group
 from safetensors.torch import load_file
 
 from train.checkpoint import KILL_IN_SAVE_ENV
 from train.loop import KILL_ENV
 from train.model.official import resolve_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 COMMON = ["recipe=demo_stage2", "data=synthetic", "model=micro_small_vocab", "model.vision.image_size=56",
           "model.vision.drop_path=0.2", "data.seq_len=300", "train.steps=8", "train.save_every=2",
           "train.keep_last=2", "logging=quiet", "logging.every=1", "train.micro_batch_size=1",
@@ -34,19 +32,8 @@ def _launch(engine: str, out: Path, **env: str) -> subprocess.CompletedProcess:
     args = [*COMMON, f"engine={engine}", f"output_dir={out}"]
     cmd = [sys.executable, "-m", "train", *args] if engine == "single" else \
         ["bash", "launch/single_node.sh", "2", *args]
-    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHON=sys.executable, **env)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", KILL_ENV, KILL_IN_SAVE_ENV):
-        if k not in env:
-            e.pop(k, None)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        stdout, _ = p.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        stdout, _ = p.communicate()
-        pytest.fail(f"run timed out\n{stdout[-4000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, stdout, "")
+    return run_group(cmd, clean_env(drop=tuple(k for k in (KILL_ENV, KILL_IN_SAVE_ENV) if k not in env), **env),
+                     TIMEOUT)
 
 
 def _export(out: Path) -> dict[str, torch.Tensor]:
