@@ -178,6 +178,10 @@ def test_frozen_vision_runs_without_graph_and_adapter_still_trains():
     seen.clear()
     m(ids[:1], labels=ids[:1]).loss.backward()
     assert seen == []
+    # ...unless the engine asks for it (ZeRO-3: frozen towers are sharded, every rank must run them)
+    m.always_run_image_path = True
+    m(ids[:1], labels=ids[:1]).loss.backward()
+    assert seen == [False]
 
 
 def test_generate_greedy_matches_full_forward(model):

@@ -18,13 +18,58 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ model
-def build_model(cfg: DictConfig) -> torch.nn.Module:
-    """QwenVL from the config, initial weights per `init`, stage freezing (or LoRA adapters) applied."""
+def uses_zero_init(cfg: DictConfig) -> bool:
+    """ZeRO-3 builds the model partitioned (deepspeed.zero.Init) unless engine.zero_init=false."""
+    e = cfg.engine
+    return e.kind == "deepspeed" and int(e.zero_stage) == 3 and bool(e.zero_init)
+
+
+def _zero_init_context(cfg: DictConfig, info: DistInfo) -> Any:
+    """deepspeed.zero.Init for this run's DeepSpeed config, creating every tensor on the CPU in fp32 as the
+    plain path does (same random draws whatever the accelerator); each module's parameters are cast to the
+    run's dtype, moved to the device and partitioned as soon as that module's __init__ returns, so a rank
+    never holds more than one module's full weights."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+    from train.engine import deepspeed_config, resolve_precision
+
+    class _Init(deepspeed.zero.Init):
+        def _post_init_method(self, module: torch.nn.Module) -> None:
+            for p in module.parameters(recurse=False):
+                if not is_zero_param(p) and p.is_floating_point():
+                    p.data = p.data.to(self.dtype)  # what DeepSpeed's bf16 cast does on the plain path
+            super()._post_init_method(module)
+            # torch's MultiheadAttention zeroes its child out_proj's bias in its own __init__, after zero.Init
+            # has partitioned out_proj: redo it on this rank's slice (zeros: no gather needed)
+            if isinstance(module, torch.nn.MultiheadAttention) and module.out_proj.bias is not None:
+                with torch.no_grad():
+                    module.out_proj.bias.ds_tensor.zero_()
+
+    import torch.distributed as dist
+
+    ds_config = deepspeed_config(cfg, dist.get_world_size(), resolve_precision(cfg, info.device))
+    return _Init(config_dict_or_path=ds_config, tensor_overrides=[])
+
+
+def build_model(cfg: DictConfig, info: DistInfo | None = None) -> torch.nn.Module:
+    """QwenVL from the config, initial weights per `init`, stage freezing (or LoRA adapters) applied.
+    Under ZeRO-3 (`uses_zero_init`; `info` required) the parameters are partitioned as they are created and
+    initial weights are streamed into each rank's partitions."""
+    import contextlib
+
     from train.model import official
     from train.model.qwen_vl import QwenVL
 
+    ctx: Any = contextlib.nullcontext()
+    if uses_zero_init(cfg):
+        if info is None:
+            raise ValueError("build_model: ZeRO-3 with engine.zero_init=true needs the DistInfo (initialised "
+                             "process group)")
+        ctx = _zero_init_context(cfg, info)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank
-    model = QwenVL(model_cfg(cfg))
+    with ctx:
+        model = QwenVL(model_cfg(cfg))
     init = cfg.init
     for key, fn in (("official", official.load_official), ("from_stage_dir", official.load_official),
                     ("openclip", official.load_openclip_vision), ("qwen_llm", official.load_qwen_llm)):

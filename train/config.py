@@ -134,6 +134,8 @@ class EngineConf:
     reduce_bucket_size: int = 500_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    # ZeRO-3: build the model inside deepspeed.zero.Init (partitioned as created; no full copy per rank)
+    zero_init: bool = True
 
 
 @dataclass
@@ -407,6 +409,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         _need(bool(cfg.init.official or cfg.init.from_stage_dir),
               "lora.qlora=true needs init.official or init.from_stage_dir: the final merge adds the adapters "
               "to those full-precision base weights")
+    # peft would inject its adapters into base layers zero.Init has already partitioned; that runs, but its
+    # parity with the plain path is not verified, so LoRA runs build the model unpartitioned
+    _need(not (lo.enabled and e.kind == "deepspeed" and e.zero_stage == 3 and e.zero_init),
+          "lora.enabled=true with engine.zero_stage=3 cannot build the model inside deepspeed.zero.Init "
+          "(engine.zero_init=true): set engine.zero_init=false (each rank then builds the full model before "
+          "partitioning) or use engine=zero2")
     mc = model_cfg(cfg)  # the model's own validation (divisibility etc.)
     if t.export_final:  # fail now, not after the last step
         from train.model.official import config_to_official

@@ -177,6 +177,8 @@ class DeepSpeedEngine(Engine):
         self.grad_accum = resolve_grad_accum(cfg, info.world_size)
         self.zero_stage = int(cfg.engine.zero_stage)
         self.ds_config = deepspeed_config(cfg, info.world_size, self.precision)
+        if self.zero_stage == 3 and hasattr(model, "always_run_image_path"):
+            model.always_run_image_path = True  # frozen towers are sharded too: every rank must gather them
         optimizer = build_optimizer(model, cfg.optim, cpu_offload=bool(cfg.engine.offload_optimizer))
         scheduler = build_scheduler(optimizer, warmup_steps(cfg), cfg.train.steps, cfg.optim.lr,
                                     cfg.optim.min_lr, cfg.optim.schedule)

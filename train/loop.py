@@ -108,7 +108,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                f"engine {cfg.engine.kind}{'' if cfg.engine.kind == 'single' else f' ZeRO-{cfg.engine.zero_stage}'}, "
                f"device {info.device})")
     prepare_data(cfg, info)
-    model = build_model(cfg)
+    model = build_model(cfg, info)
+    held, full, nbytes = param_residency(model)
+    if info.is_main or cfg.engine.kind == "deepspeed":  # ZeRO-3: each rank holds its own partition
+        print(f"[train] rank {info.rank}: holds {held:,} of {full:,} parameter elements ({nbytes / 2**20:.1f} MiB) "
+              f"after build; peak RSS {_peak_rss_mib():.0f} MiB", flush=True)
     _say(info, f"[train] parameters (stage {cfg.train.stage}):\n{freeze_table(model)}")
     flops = FlopsModel(model, model_cfg(cfg))
     engine = build_engine(cfg, model, info)
@@ -231,6 +235,25 @@ def export_final(cfg: DictConfig, engine: Engine, out_dir: Path, info: distribut
         export_official(state, dest, cfg=model_cfg(cfg), overwrite=True)
     distributed.barrier()
     return str(dest.resolve())
+
+
+def param_residency(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(parameter elements this rank holds, elements of the full model, bytes held): under ZeRO-3 a
+    partitioned parameter holds only its slice (`ds_tensor`) and `ds_numel` is its full size."""
+    held = full = nbytes = 0
+    for p in model.parameters():
+        local = getattr(p, "ds_tensor", None)
+        t = p.data if local is None else local
+        held += t.numel()
+        nbytes += t.numel() * t.element_size()
+        full += int(getattr(p, "ds_numel", p.numel()))
+    return held, full, nbytes
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, float]:

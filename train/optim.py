@@ -20,7 +20,9 @@ _BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
 
 
 def uses_weight_decay(name: str, p: torch.Tensor) -> bool:
-    return p.ndim >= 2 and name not in NO_DECAY and not name.endswith(".bias")
+    # ZeRO-3 (zero.Init) partitions in place: the local stub is 1-D, ds_shape keeps the real shape
+    ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+    return ndim >= 2 and name not in NO_DECAY and not name.endswith(".bias")
 
 
 def vit_layer_id(name: str, n_blocks: int) -> int:

@@ -7,6 +7,8 @@ bicubically resized to the patch grid, to the keys; values carry no position (SP
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -39,6 +41,17 @@ def sincos_2d(dim: int, grid: int) -> torch.Tensor:
     return torch.from_numpy(emb).float()
 
 
+def _gathered(params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Under DeepSpeed's zero.Init the submodules are partitioned by the time `reset_parameters` runs in
+    `__init__`: gather them (every rank draws the same values; rank 0's are kept). A no-op otherwise."""
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(zero, modifier_rank=0)
+
+
 class Adapter(nn.Module):
     """`forward(x [N, L, kv_dim]) -> [N, n_queries, dim]`; L must be a square patch grid."""
 
@@ -64,17 +77,18 @@ class Adapter(nn.Module):
     def reset_parameters(self) -> None:
         """Official init: queries and Linear weights trunc-normal(0.02), Linear biases 0, LayerNorm 1/0,
         proj dim**-0.5 * randn, MHA in_proj torch default (xavier)."""
-        nn.init.trunc_normal_(self.query, std=0.02)
-        for m in (self.kv_proj, self.attn.out_proj):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        for ln in (self.ln_q, self.ln_kv, self.ln_post):
-            nn.init.ones_(ln.weight)
-            nn.init.zeros_(ln.bias)
-        with torch.no_grad():
-            self.proj.normal_(0.0, self.dim**-0.5)
-            self.pos_embed.copy_(sincos_2d(self.dim, self.cfg.pos_grid))
+        with _gathered(list(self.parameters())):
+            nn.init.trunc_normal_(self.query, std=0.02)
+            for m in (self.kv_proj, self.attn.out_proj):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            for ln in (self.ln_q, self.ln_kv, self.ln_post):
+                nn.init.ones_(ln.weight)
+                nn.init.zeros_(ln.bias)
+            with torch.no_grad():
+                self.proj.normal_(0.0, self.dim**-0.5)
+                self.pos_embed.copy_(sincos_2d(self.dim, self.cfg.pos_grid))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.kv_proj.in_features:

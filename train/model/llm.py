@@ -202,14 +202,21 @@ class QwenLM(nn.Module):
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
-        """Normal(0, std) for linears and embeddings, zero biases, ones for norms."""
-        for m in self.modules():
+        """Normal(0, std) for linears and embeddings, zero biases, ones for norms.
+
+        Through `Module.apply` (leaves in the same order as `modules()`, so the same random draws): under
+        DeepSpeed's zero.Init the children are already partitioned here, and zero.Init's `apply` gathers each
+        module's parameters around the call (plain iteration would initialise empty partitions)."""
+
+        def init(m: nn.Module) -> None:
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
+
+        self.apply(init)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.grad_checkpointing = enabled

@@ -434,7 +434,7 @@ def _plan(
             problems.append(f"{name} filled twice: by {filled[name]} and {e.key}")
             continue
         filled[name] = e.key
-        want = tuple(targets[name].shape)
+        want = _full_shape(targets[name])
         try:
             got = _out_shape(fn, e.shape)
         except (RuntimeError, ValueError) as err:
@@ -454,7 +454,7 @@ def _plan(
     lines = []
     if strict and missing:
         lines.append(f"missing ({len(missing)}; model parameters the checkpoint does not provide):")
-        lines += [f"  {n} {_fmt_shape(targets[n].shape)}" for n in missing]
+        lines += [f"  {n} {_fmt_shape(_full_shape(targets[n]))}" for n in missing]
     if strict and unexpected:
         lines.append(f"unexpected ({len(unexpected)}; checkpoint tensors with no model parameter):")
         lines += [f"  {u}" for u in unexpected]
@@ -470,11 +470,40 @@ def _plan(
     return plan, report
 
 
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape; under DeepSpeed ZeRO-3 (zero.Init) the full one, not the empty local stub."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+
+
 @torch.no_grad()
 def _copy_into(param: torch.Tensor, t: torch.Tensor) -> None:
     if param.is_meta:
         raise ValueError("model parameters are on the meta device; call model.to_empty(device=...) first")
+    if hasattr(param, "ds_tensor"):  # partitioned by ZeRO-3: fill only this rank's slice (no collective)
+        _copy_into_partition(param, t)
+        return
     param.copy_(t)  # casts into the parameter's dtype and device
+
+
+def _copy_into_partition(param: torch.Tensor, t: torch.Tensor) -> None:
+    """DeepSpeed ZeRO-3 layout: the flattened parameter padded to `ds_numel_aligned` and cut into equal
+    slices, rank r holding [r * n, (r + 1) * n) in `ds_tensor` (n = ds_tensor.ds_numel). Every rank reads
+    the checkpoint tensor (mmap-ed) and copies its own slice."""
+    import torch.distributed as dist
+
+    local = param.ds_tensor
+    if getattr(param, "ds_status", None) is not None and param.ds_status.name != "NOT_AVAILABLE":
+        raise RuntimeError(f"ZeRO-3 parameter {getattr(param, 'ds_id', '?')} is gathered ({param.ds_status.name});"
+                           " initial weights are loaded into partitions before deepspeed.initialize")
+    n, world = int(local.ds_numel), dist.get_world_size(group=param.ds_process_group)
+    if n * world != int(param.ds_numel_aligned):
+        raise RuntimeError(f"unexpected ZeRO-3 partition layout: {n} x {world} ranks != "
+                           f"{param.ds_numel_aligned} (aligned numel)")
+    start = n * dist.get_rank(group=param.ds_process_group)
+    flat = t.reshape(-1)
+    count = max(0, min(n, flat.numel() - start))
+    if count:
+        local.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
 
 
 def _stream_safetensors(
@@ -572,7 +601,7 @@ def load_openclip_vision(model: nn.Module, path: str | os.PathLike, strict: bool
     Source: a .safetensors file (streamed) or a torch checkpoint (torch.load(weights_only=True))."""
     p = Path(path)
     targets = _params(model.visual, "visual.")
-    n_pos = targets["visual.positional_embedding"].shape[0]
+    n_pos = _full_shape(targets["visual.positional_embedding"])[0]
 
     def drop_cls(t: torch.Tensor) -> torch.Tensor:
         return t[1:] if t.shape[0] == n_pos + 1 else t

@@ -54,6 +54,10 @@ class QwenVL(nn.Module):
         self.visual = VisionTower(cfg.vision)
         self.adapter = Adapter(cfg.adapter, kv_dim=cfg.vision.width, dim=cfg.llm.hidden)
         self.llm = QwenLM(cfg.llm)
+        # Run the image path on a zero-weighted dummy image in every training forward without images, even
+        # when the tower and adapter are frozen: under parameter sharding (ZeRO-3) their forward gathers
+        # parameters collectively, so a rank that skipped it would leave the others waiting.
+        self.always_run_image_path = False
 
     # ---- helpers -------------------------------------------------------------------------
     def num_parameters(self, trainable_only: bool = False) -> dict[str, int]:
@@ -121,7 +125,8 @@ class QwenVL(nn.Module):
         if n_images > 0:
             feats = self.encode_images(pixel_values)
             embeds = embeds.index_put((rows, cols), feats.to(embeds.dtype))
-        elif torch.is_grad_enabled() and (_requires_grad(self.visual) or _requires_grad(self.adapter)):
+        elif torch.is_grad_enabled() and (self.always_run_image_path or _requires_grad(self.visual)
+                                          or _requires_grad(self.adapter)):
             # No image here, but trainable vision/adapter params must still get (zero) gradients so a
             # data-parallel rank without images joins the gradient all-reduce instead of hanging.
             s = self.cfg.vision.image_size
