@@ -11,6 +11,7 @@ from train.lora import (
     check_engine,
     lora_layers,
     lora_state_dict,
+    merge_lora_state,
     merged_state_dict,
     quantize_llm_4bit,
 )
@@ -92,22 +93,22 @@ def test_merge_equals_naive_formula() -> None:
 
 
 def test_merge_into_external_full_precision_base() -> None:
-    # the Q-LoRA path: the model's own base weights are unusable (4-bit), the original fp weights are merged into
+    # the Q-LoRA path: the state holds the adapted base weights in packed 4-bit form; the merge must take the
+    # original full-precision weights for those (and only those) and add the adapters' deltas to them
     original = _model().state_dict()
     m = apply_lora(_model(), r=4, alpha=8, dropout=0.0)
     _perturb_adapters(m)
-    with torch.no_grad():  # stand-in for quantisation error in the base the adapters were trained on
-        for name, p in m.named_parameters():
-            if name.endswith("base_layer.weight"):
-                p.add_(0.5)
-    merged = merged_state_dict(m, base=original)
-    own = merged_state_dict(m)
-    key = "llm.h.1.attn.c_attn.weight"
-    torch.testing.assert_close(merged[key] + 0.5, own[key])
-    bad = dict(original)
-    bad[key] = bad[key][:, :-1]
-    with pytest.raises(LoraError, match="llm.h.1.attn.c_attn.weight"):
-        merged_state_dict(m, base=bad)
+    state = m.state_dict()
+    key = "llm.h.1.attn.c_attn"
+    packed = f"{key}.base_layer.weight"
+    state[packed] = torch.zeros(state[packed].numel() // 2, 1, dtype=torch.uint8)  # stand-in for NF4 storage
+    expected = {k: t.shape for k, t in original.items()}
+    merged = merge_lora_state(state, 8 / 4, expected, base=original)
+    a, b = state[f"{key}.lora_A.default.weight"], state[f"{key}.lora_B.default.weight"]
+    torch.testing.assert_close(merged[f"{key}.weight"], original[f"{key}.weight"] + 2.0 * (b @ a))
+    torch.testing.assert_close(merged_state_dict(m)[f"{key}.weight"], merged[f"{key}.weight"])
+    with pytest.raises(LoraError, match=f"{key}.weight: the state holds a torch.uint8"):
+        merge_lora_state(state, 2.0, expected)  # no full-precision base to merge into
 
 
 def test_adapter_state_dict_is_small_and_round_trips() -> None:

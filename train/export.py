@@ -1,6 +1,6 @@
-"""Final-export helpers for LoRA / Q-LoRA runs: merge adapters into plain weights at the state-dict level
-(works on a ZeRO-3 consolidated state, where peft's layers hold only partitions), and save the adapters
-alone. Q-LoRA merges into the full-precision base weights re-read from the run's init checkpoint, never into
+"""Final-export helpers for LoRA / Q-LoRA runs: the plain model's keys for `train.lora.merge_lora_state`
+(which works on a ZeRO-3 consolidated state, where peft's layers hold only partitions), and the adapters
+saved alone. Q-LoRA merges into the full-precision base weights re-read from the run's init checkpoint, never into
 the 4-bit ones (the official repo's "Q-LoRA adapters cannot be merged" defect, SPEC §5)."""
 
 from __future__ import annotations
@@ -15,46 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from train.model.config import QwenVLConfig
 
-LORA_A, LORA_B = ".lora_A.default.weight", ".lora_B.default.weight"
 
-
-def _expected_keys(mcfg: QwenVLConfig) -> dict[str, torch.Size]:
+def expected_keys(mcfg: QwenVLConfig) -> dict[str, torch.Size]:
+    """key -> shape of the plain (un-adapted) model's state dict, built on the meta device."""
     from train.model.qwen_vl import QwenVL
 
     with torch.device("meta"):
         ref = QwenVL(mcfg)
     return {k: v.shape for k, v in ref.state_dict().items()}
-
-
-def merge_lora_state(state: Mapping[str, torch.Tensor], scaling: float, mcfg: QwenVLConfig,
-                     base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Plain internal state dict: W = W_base + scaling * B @ A for every adapted linear (`X.base_layer.weight`
-    + `X.lora_A/B.default.weight`), peft's wrapping removed. `base` (internal names) replaces weights the
-    state holds in another form (Q-LoRA's packed 4-bit ones); bitsandbytes' quantisation buffers are dropped."""
-    want = _expected_keys(mcfg)
-    out: dict[str, torch.Tensor] = {}
-    for key, t in state.items():
-        k = key.replace(".base_layer.", ".")
-        if ".lora_" in key or k not in want:
-            continue
-        if tuple(t.shape) != tuple(want[k]) or not torch.is_floating_point(t):
-            if base is None or k not in base:
-                raise ValueError(f"{k}: the state holds a {t.dtype} {tuple(t.shape)} tensor, the model needs "
-                                 f"{tuple(want[k])}; pass the full-precision base weights")
-            t = base[k]
-        out[k] = t
-    for key, a in state.items():
-        if not key.endswith(LORA_A):
-            continue
-        prefix = key[: -len(LORA_A)]
-        b = state[prefix + LORA_B]
-        k = prefix + ".weight"
-        w = out[k]
-        out[k] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
-    missing = sorted(set(want) - set(out))
-    if missing:
-        raise ValueError(f"merged LoRA state lacks {len(missing)} weights, e.g. {missing[:3]}")
-    return out
 
 
 def save_lora_adapters(state: Mapping[str, torch.Tensor], dest: Path, cfg: DictConfig) -> Path:

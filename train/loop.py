@@ -227,11 +227,12 @@ def export_final(cfg: DictConfig, engine: Engine, out_dir: Path, info: distribut
     if info.is_main:
         state = dict(state)
         if cfg.lora.enabled:
-            from train.export import lora_base_weights, merge_lora_state, save_lora_adapters
+            from train.export import expected_keys, lora_base_weights, save_lora_adapters
+            from train.lora import merge_lora_state
 
             save_lora_adapters(state, out_dir / "final_lora", cfg)
             base = lora_base_weights(cfg) if cfg.lora.qlora else None
-            state = merge_lora_state(state, cfg.lora.alpha / cfg.lora.r, model_cfg(cfg), base)
+            state = merge_lora_state(state, cfg.lora.alpha / cfg.lora.r, expected_keys(model_cfg(cfg)), base)
         export_official(state, dest, cfg=model_cfg(cfg), overwrite=True)
     distributed.barrier()
     return str(dest.resolve())

@@ -76,25 +76,47 @@ def base_key(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-def merged_state_dict(model: nn.Module, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Plain internal state dict (no LoRA keys) with every adapter's delta added to its base weight.
-
-    `base`: full-precision weights to merge into (internal names), required for Q-LoRA where the model only
-    holds 4-bit weights; taken from the model itself for LoRA."""
-    deltas = {f"{name}.weight": layer.get_delta_weight(ADAPTER).detach() for name, layer in lora_layers(model)}
+def merge_lora_state(state: Mapping[str, torch.Tensor], scaling: float, expected: Mapping[str, torch.Size],
+                     base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Plain internal state dict: W = W_base + scaling * B @ A for every adapted linear (`X.base_layer.weight`
+    + `X.lora_A/B.default.weight`), peft's wrapping removed. Works on any state dict (a ZeRO-3 consolidated
+    one included). `expected`: the plain model's key -> shape. `base` (internal names) supplies the weights
+    the state holds in another form (Q-LoRA's packed 4-bit ones); bitsandbytes' quantisation buffers go."""
     out: dict[str, torch.Tensor] = {}
-    for key, t in model.state_dict().items():
-        if ".lora_" in key:
-            continue
+    for key, t in state.items():
         k = base_key(key)
-        src = base[k] if base is not None and k in base else t
-        if k in deltas:
-            if not torch.is_floating_point(src) or src.shape != deltas[k].shape:
-                raise LoraError(f"{k}: cannot merge a {tuple(deltas[k].shape)} LoRA delta into a {src.dtype} "
-                                f"{tuple(src.shape)} base; pass the full-precision base weights")
-            src = (src.float() + deltas[k].float()).to(src.dtype)
-        out[k] = src.detach().clone()
+        if ".lora_" in key or k not in expected:
+            continue
+        if tuple(t.shape) != tuple(expected[k]) or not torch.is_floating_point(t):
+            if base is None or k not in base:
+                raise LoraError(f"{k}: the state holds a {t.dtype} {tuple(t.shape)} tensor, the model needs "
+                                f"{tuple(expected[k])}; pass the full-precision base weights")
+            t = base[k]
+        out[k] = t.detach().clone()
+    suffix_a, suffix_b = f".lora_A.{ADAPTER}.weight", f".lora_B.{ADAPTER}.weight"
+    for key, a in state.items():
+        if not key.endswith(suffix_a):
+            continue
+        prefix = key[: -len(suffix_a)]
+        k = prefix + ".weight"
+        w, b = out[k], state[prefix + suffix_b]
+        out[k] = (w.float() + scaling * (b.float() @ a.float())).to(w.dtype)
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise LoraError(f"merged LoRA state lacks {len(missing)} weights, e.g. {missing[:3]}")
     return out
+
+
+def merged_state_dict(model: nn.Module, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`merge_lora_state` of a LoRA-injected model: its plain state dict with the adapters merged in."""
+    scalings = {layer.scaling[ADAPTER] for _, layer in lora_layers(model)}
+    if len(scalings) != 1:
+        raise LoraError(f"expected one LoRA scaling (alpha / r) across layers, found {sorted(scalings)}")
+    state = model.state_dict()
+    # the plain model's shapes: from the full-precision base when given (Q-LoRA's own base is packed)
+    expected = ({k: t.shape for k, t in base.items()} if base is not None else
+                {base_key(k): t.shape for k, t in state.items() if ".lora_" not in k})
+    return merge_lora_state(state, scalings.pop(), expected, base)
 
 
 def check_engine(qlora: bool, zero_stage: int, device: str) -> None:
