@@ -7,8 +7,11 @@ processes (torchrun), killed mid-save and resumed. Then the real shard pipeline 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,42 @@ def test_sigkill_and_resume_follow_the_uninterrupted_run(engine, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_step_boundary_and_resumes(tmp_path):
+    """What SLURM, torchrun and preemption do: SIGTERM. The run finishes its step, checkpoints, exits 0;
+    the resumed run then follows the uninterrupted run's curve."""
+    steps = ["train.steps=16", "train.save_every=0"]
+    ref_dir, run = tmp_path / "ref", tmp_path / "run"
+    args = [*COMMON, *steps, "engine=single", "train.export_final=false"]
+    p = run_group([sys.executable, "-m", "train", *args, f"output_dir={ref_dir}"], clean_env(), TIMEOUT)
+    assert p.returncode == 0, p.stdout[-4000:]
+    ref = _curve(ref_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "train", *args, f"output_dir={run}"], cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "metrics.jsonl").exists() and len(_curve(run)) >= 2:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.05)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stop signal received" in out, out[-3000:]
+    stopped = max(_curve(run))
+    assert 2 <= stopped < 16
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:08d}"
+    p = run_group([sys.executable, "-m", "train", *args, f"output_dir={run}"], clean_env(), TIMEOUT)
+    assert p.returncode == 0 and f"at step {stopped}" in p.stdout, p.stdout[-4000:]
+    got = _curve(run)
+    assert sorted(got) == list(range(1, 17))
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], rel=1e-6, abs=1e-7), (s, got[s], ref[s])
 
 
 DEMO_CACHE = ROOT / ".cache" / "test-demo-s0.1"  # shared with test_demo_run.py (build_demo is idempotent)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from itertools import islice
 from pathlib import Path
@@ -66,6 +67,31 @@ def eval_table(before: dict[str, dict[str, float]] | None, after: dict[str, dict
     lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}" for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+class StopRequest:
+    """Records SIGTERM / SIGUSR1 instead of dying mid-step; the loop checkpoints at the step boundary.
+    Installed only in the main thread (signal handlers cannot be set elsewhere); restored by `restore`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            print(f"[train] received signal {signal.Signals(signum).name}: checkpointing after this step",
+                  flush=True)
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 class StepStats:
@@ -143,6 +169,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     accum = engine.grad_accum
     it = iter(data)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    stop = StopRequest()  # SLURM / torchrun / preemption ask with SIGTERM (or --signal=USR1@T): finish the step
     t_start = time.time()
     step = start_step
     losses: list[float] = []
@@ -183,17 +210,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.advance()
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        out_of_time = cfg.train.max_seconds > 0 and time.time() - t_start > cfg.train.max_seconds
-        out_of_time = bool(distributed.broadcast_object(out_of_time))
-        if step < total and ((cfg.train.save_every and step % cfg.train.save_every == 0) or out_of_time):
+        # any rank out of time or asked to stop -> every rank checkpoints and stops at this same step
+        flags = torch.tensor([float(cfg.train.max_seconds > 0 and time.time() - t_start > cfg.train.max_seconds),
+                              float(stop.signum is not None)], dtype=torch.float64, device=info.device)
+        out_of_time, stop_asked = (bool(v > 0) for v in distributed.all_reduce_sum(flags).tolist())
+        halt = out_of_time or stop_asked
+        if step < total and ((cfg.train.save_every and step % cfg.train.save_every == 0) or halt):
             ckpt.save(step, engine, data, {"counters": counters})
-        if out_of_time:
-            _say(info, f"[train] train.max_seconds reached at step {step}; checkpoint saved, stopping")
+        if halt:
+            why = "train.max_seconds reached" if out_of_time else "stop signal received (SIGTERM/SIGUSR1)"
+            _say(info, f"[train] {why} at step {step}; checkpoint saved, stopping (resume with train.resume=auto)")
+            summary["stopped_early"] = why
             break
         if cfg.eval.every and step % cfg.eval.every == 0 and step < total and heldout:
             res = evaluate(engine, heldout, cfg.eval.max_batches)
             logger.log(step, {f"eval/{k}": v["loss"] for k, v in res.items()})
 
+    stop.restore()
     summary.update(steps_run=step - start_step, final_step=step, losses=losses)
     if step == total:
         final_ckpt = ckpt.save(step, engine, data, {"counters": counters})
