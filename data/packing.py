@@ -141,14 +141,16 @@ class Packer:
 
 
 def collate_rows(rows: Sequence[Sequence[SampleLike]], seq_len: int | None = None, *, pad_id: int = EOD_ID,
-                 image_size: int | None = None, img_start_id: int = IMG_START_ID) -> dict[str, torch.Tensor]:
+                 image_size: int | None = None, img_start_id: int = IMG_START_ID,
+                 checked: bool = False) -> dict[str, torch.Tensor]:
     """Rows of samples -> the batch dict (DESIGN.md "Batches"). ``seq_len=None`` pads to the longest row.
+    ``checked=True``: the samples already passed ``check_sample`` (``Packer.add`` does), skip re-scanning them.
 
     Padding: ``pad_id`` tokens, labels -100, segment 0. ``pixel_values`` holds every image in the order of
     its ``<img>`` token scanning rows in order; ``[0,3,S,S]`` (S = ``image_size`` or 0) without images."""
     if not rows or any(len(r) == 0 for r in rows):
         raise PackingError("collate_rows: need at least one row and no empty rows")
-    lens = [[check_sample(s, None, img_start_id) for s in r] for r in rows]
+    lens = [[len(s.input_ids) if checked else check_sample(s, None, img_start_id) for s in r] for r in rows]
     longest = max(sum(ls) for ls in lens)
     T = longest if seq_len is None else int(seq_len)
     if longest > T:

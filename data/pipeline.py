@@ -192,7 +192,7 @@ class StageStream:
                 return
             T = self.seq_len if (self.pack or self.pad_to_seq_len) else None
             batch = collate_rows(rows, T, pad_id=self.pad_id, image_size=self.image_size,
-                                 img_start_id=self.img_start_id)
+                                 img_start_id=self.img_start_id, checked=True)  # Packer.add checked them
             c = self.counters
             c["batches"] += 1
             c["rows"] += len(rows)
