@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from train.build import build_model
 from train.config import load_config
 from train.loop import train
-from train.metrics import read_wandb_history
 
 SMALL = ["data=synthetic", "model=micro_small_vocab", "model.vision.image_size=56", "data.seq_len=300",
          "train.micro_batch_size=2", "train.global_batch_size=4", "logging=quiet", "logging.every=1",
@@ -52,18 +51,33 @@ def test_loss_decreases_and_metrics_logged(tmp_path, capsys):
     assert (ck / "latest").read_text().strip() == "step_00000016"
 
 
-def test_wandb_offline_run_has_the_metrics(tmp_path):
+def test_wandb_offline_run_has_the_metrics(tmp_path, monkeypatch):
+    """What the loop hands W&B (through its public Run.log) equals metrics.jsonl, and the run is finished and
+    W&B's service torn down (files flushed) when train() returns."""
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    logged: list[tuple[int, dict]] = []
+    real_log = Run.log
+
+    def spy(self, data, step=None, **kw):  # noqa: ANN001
+        logged.append((step, dict(data)))
+        return real_log(self, data, step=step, **kw)
+
+    monkeypatch.setattr(Run, "log", spy)
     cfg = load_config(["recipe=demo_stage1", *SMALL, "train.steps=3", f"output_dir={tmp_path}",
                        "logging.wandb.mode=offline", "logging.wandb.tags=[ci,demo]", "logging.every=1",
                        "eval.at_start=false", "eval.at_end=false", "train.save_every=0"])
     summary = train(cfg)
-    run_files = list(Path(summary["wandb_dir"]).glob("run-*.wandb"))
-    assert summary["wandb_dir"].startswith(str(tmp_path)) and len(run_files) == 1
-    rows = [r for r in read_wandb_history(run_files[0]) if "loss" in r]
+    assert wandb.run is None  # finished
+    wdir = Path(summary["wandb_dir"])
+    assert str(wdir).startswith(str(tmp_path)) and "offline-run-" in wdir.name
+    assert len(list(wdir.glob("run-*.wandb"))) == 1
+    rows = [(step, r) for step, r in logged if "loss" in r]
     jsonl = [r for r in _records(tmp_path / "metrics.jsonl") if "loss" in r]
-    assert [r["_step"] for r in rows] == [1, 2, 3]
-    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in jsonl])
-    assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in jsonl])
+    assert [step for step, _ in rows] == [r["step"] for r in jsonl] == [1, 2, 3]
+    assert [r["loss"] for _, r in rows] == pytest.approx([r["loss"] for r in jsonl])
+    assert [r["lr"] for _, r in rows] == pytest.approx([r["lr"] for r in jsonl])
 
 
 def test_final_export_initialises_next_stage(tmp_path):

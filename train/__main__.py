@@ -2,7 +2,8 @@
 
 Works unchanged under `torchrun --nproc_per_node N`, `deepspeed --num_gpus N` (its `--local_rank=K`
 is stripped before Hydra sees argv) and multi-node launchers (MASTER_ADDR/PORT, RANK, WORLD_SIZE,
-LOCAL_RANK from the environment). `--cfg` prints the composed config and exits.
+LOCAL_RANK from the environment). `--cfg` prints the composed config and exits; `-h`/`--help` lists
+the recipes, config groups and every key (train/cli_help.py).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from train.distributed import env_world, prepare_env
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, local_rank = strip_launcher_args(argv)
+    if "-h" in argv or "--help" in argv:
+        return _help(argv)
     prepare_env(local_rank)  # before anything imports deepspeed
     show = "--cfg" in argv
     argv = [a for a in argv if a != "--cfg"]
     _, _, world = env_world()
     try:
-        cfg = load_config(argv, world_size=world)
+        cfg = load_config(argv, world_size=world, check=not show)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        print("(python -m train --help lists the recipes, config groups and every key)", file=sys.stderr)
         return 2
     if show:
         print(to_yaml(cfg))
@@ -36,7 +40,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from train.loop import train
 
-    train(cfg)
+    try:
+        summary = train(cfg)
+    except ConfigError as err:  # an input path checked at start-up (before the model is built)
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("[train] aborted by a second Ctrl-C: no checkpoint written for the current step", file=sys.stderr)
+        return 130
+    return int(summary.get("exit_code", 0))  # 130 after a first Ctrl-C (checkpointed), else 0
+
+
+def _help(argv: list[str]) -> int:
+    """`-h`/`--help` anywhere: the help text, with `recipe=NAME` (and overrides) as the default column."""
+    from train.cli_help import render_help
+
+    recipe, overrides = None, []
+    for a in argv:
+        if a.startswith("recipe=") or a.startswith("--config-name="):
+            recipe = a.split("=", 1)[1]
+        elif not a.startswith("-"):
+            overrides.append(a)
+    try:
+        print(render_help(recipe, overrides), end="")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

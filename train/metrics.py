@@ -6,9 +6,9 @@ Every record is one dict of floats/ints keyed by metric name, logged at an optim
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
-import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,32 @@ def mfu(flops: float, seconds: float, peak_flops: float, world_size: int) -> flo
     return flops / (seconds * peak_flops * world_size)
 
 
+def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf -> null: metrics.jsonl stays strict JSON (json.loads elsewhere, jq, pandas all read it)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the rows of `path` up to `last_step` (a resumed run redoes the steps after its checkpoint) and drop
+    a torn last line of a killed run; rewritten atomically. Returns the number of rows dropped."""
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{x}\n" for x in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
     """No-op on ranks other than 0."""
 
@@ -95,7 +121,10 @@ class MetricsLogger:
         output_dir.mkdir(parents=True, exist_ok=True)
         lg = cfg.logging
         if lg.jsonl:
-            self.jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            path = output_dir / "metrics.jsonl"
+            if start_step > 0 and path.is_file():
+                truncate_jsonl(path, start_step)  # steps after the checkpoint are redone: log them once
+            self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         mode = wandb_mode(lg.wandb.mode)
         if mode != "disabled":
             import wandb
@@ -121,7 +150,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            self.jsonl.write(json.dumps({"step": step, **_finite_or_null(record)}, allow_nan=False) + "\n")
             self.jsonl.flush()
         if self.run is not None:
             self.run.log(record, step=step)
@@ -143,35 +172,10 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.close()
         if self.run is not None:
+            import wandb
+
             self.run.finish()
-
-
-def read_wandb_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """History rows of an offline W&B run file (`run-<id>.wandb`) without syncing it.
-
-    The file is in LevelDB log format (7-byte W&B header, then 32 KiB blocks of records
-    [crc u32][length u16][type u8][data] with FULL=1 FIRST=2 MIDDLE=3 LAST=4); each assembled record is a
-    protobuf `wandb.proto.wandb_internal_pb2.Record`. Rows map metric name -> value, plus `_step`."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    raw, block = Path(path).read_bytes(), 32768
-    if raw[:4] != b":W&B":
-        raise ValueError(f"{path}: not a W&B run file (header {raw[:4]!r})")
-    pos, buf, rows = 7, b"", []
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, n, typ = struct.unpack("<IHB", raw[pos:pos + 7])
-        data = raw[pos + 7:pos + 7 + n]
-        pos += 7 + n
-        if typ == 0 and n == 0:
-            break
-        buf = data if typ in (1, 2) else buf + data
-        if typ in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            if rec.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-    return rows
+            # finish() can return before W&B's service has written the run's files; teardown waits for it, so
+            # the offline run is complete (and `wandb sync`-able) when train() returns
+            wandb.teardown()
+            self.run = None
