@@ -204,3 +204,38 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------- grounded replies (inference side)
+_GROUNDING_RE = re.compile(
+    r"(?:<ref>(?P<ref>(?:(?!</ref>).)*?)</ref>)?\s*(?P<tag><box>|<quad>)(?P<body>[^<]*)(?:</box>|</quad>)", re.S)
+_PAIRS_RE = re.compile(_PAIR)
+
+
+def denormalize_quad(quad: Sequence[float], width: float, height: float) -> tuple[float, ...]:
+    """Grid quad (flat 8 values) -> pixel quad, with the official /999 rule."""
+    if len(quad) != 8:
+        raise InvalidBox(f"quad must be 8 numbers, got {quad!r}")
+    return tuple(denormalize_coord(v, width if i % 2 == 0 else height) for i, v in enumerate(quad))
+
+
+def parse_grounding(text: str) -> list[tuple[str | None, str, tuple[int, ...]]]:
+    """Every ``<box>``/``<quad>`` in a model reply, in order, with the phrase of the ``<ref>`` that precedes it:
+    ``[(phrase or None, "box" | "quad", grid ints)]``. Several boxes after one ``<ref>`` all get its phrase
+    (SPEC §3). A box needs 2 points and a quad 4; malformed ones (what an undertrained model writes) are left
+    out. Values are not range-checked: a model may write 1000+, the caller clamps when drawing."""
+    out: list[tuple[str | None, str, tuple[int, ...]]] = []
+    phrase: str | None = None
+    last_end = 0
+    for m in _GROUNDING_RE.finditer(text):
+        if m.group("ref") is not None:
+            phrase = m.group("ref").strip()
+        elif text[last_end:m.start()].strip():  # other text between: the box is not the previous ref's
+            phrase = None
+        last_end = m.end()
+        kind = "box" if m.group("tag") == "<box>" else "quad"
+        pts = [int(v) for p in _PAIRS_RE.findall(m.group("body")) for v in p]
+        if len(pts) != (4 if kind == "box" else 8):
+            continue
+        out.append((phrase, kind, tuple(pts)))
+    return out

@@ -28,6 +28,13 @@ Rules, in the order they are applied (the rule name is what the report uses):
   exact_duplicate      same normalised text AND same decoded pixels as an already kept sample
   near_duplicate_image 64-bit dHash within image_hamming of a kept sample's hash
   near_duplicate_text  MinHash-estimated Jaccard of character shingles >= text_jaccard vs a kept sample
+  invalid_sample       kept by the rules but refused by the shard writer (data.shards.validate_meta: e.g. a
+                       key that is not a plain name, a passthrough sample with an invalid task); set by the
+                       CLI after the rules, see CleaningReport.unwritable
+
+Samples that cannot be read at all (bad/missing JSON, truncated tar, unreadable member, unsafe key, invalid
+Unicode: the loader's and data.sanity's reasons) never reach the rules; they are counted under
+report["skipped"] by reason, separately from "input" (samples the rules saw).
 
 Samples whose task is not in `CleaningConfig.tasks` pass through unchanged and are counted as such.
 """
@@ -51,7 +58,7 @@ from PIL import Image
 RULES = (
     "bad_image", "image_too_small", "aspect_ratio", "missing_text", "emoji", "non_en_zh_chars",
     "boilerplate", "text_too_short", "text_too_long", "clip_score", "exact_duplicate",
-    "near_duplicate_image", "near_duplicate_text",
+    "near_duplicate_image", "near_duplicate_text", "invalid_sample",
 )
 REWRITES = ("strip_html", "strip_url", "strip_email", "collapse_repeats")
 
@@ -406,6 +413,24 @@ class CleaningReport:
         self.modified: dict[str, int] = {r: 0 for r in REWRITES}
         self.by_lang: dict[str, dict[str, Any]] = {}
         self.examples: dict[str, list[str]] = defaultdict(list)
+        self.skipped: dict[str, int] = defaultdict(int)
+        self.skip_examples: dict[str, list[str]] = defaultdict(list)
+
+    def skip(self, reason: str, url: str, member: str, detail: str) -> None:
+        """A sample (or the rest of a shard) that could not be read: counted by reason, never seen by the rules."""
+        self.skipped[reason] += 1
+        if len(self.skip_examples[reason]) < self.n_examples:
+            self.skip_examples[reason].append(f"{url}: {member}: {detail}")
+
+    def unwritable(self, d: Decision, detail: str) -> None:
+        """A sample `add` counted as kept that the shard writer refused: moved to removed['invalid_sample']."""
+        assert d.keep, d
+        self.kept -= 1
+        self.by_lang[d.lang]["kept"] -= 1
+        self.passthrough -= int(d.passthrough)
+        self.add(Decision(d.key, False, "invalid_sample", d.meta, d.lang, detail))
+        self.input -= 1  # add() counted the sample a second time
+        self.by_lang[d.lang]["input"] -= 1
 
     def add(self, d: Decision) -> None:
         self.input += 1
@@ -441,6 +466,8 @@ class CleaningReport:
             "passthrough": self.passthrough, "removed": dict(self.removed), "modified": dict(self.modified),
             "by_lang": {k: self.by_lang[k] for k in sorted(self.by_lang)},
             "examples": {k: list(v) for k, v in sorted(self.examples.items())},
+            "skipped_total": sum(self.skipped.values()), "skipped": dict(sorted(self.skipped.items())),
+            "skip_examples": {k: list(v) for k, v in sorted(self.skip_examples.items())},
         }
 
     def write(self, path: str, extra: dict[str, Any] | None = None) -> None:

@@ -4,6 +4,7 @@ Formats: ``pairs`` (image folder with same-stem .txt, .jsonl/.json or .csv of im
 ``coco`` (COCO captions json), ``refcoco`` (referring records), ``vqa``, ``ocr``, ``text`` (.jsonl or .txt),
 ``qwen-chat`` (the official Qwen-VL fine-tuning JSON). Writes ``DIR/{prefix}-NNNNNN.tar``, ``DIR/manifest.json``
 and ``DIR/convert_report.json``; prints the report. Exit status 1 when nothing was written.
+``python -m data.convert KIND --help`` lists the input fields KIND expects, with an example (`FORMATS`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import json
 import os
 import sys
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +36,110 @@ from data.shards import ShardWriter
 from data.tasks import LANGS
 
 
+@dataclass(frozen=True)
+class InputFormat:
+    """What one KIND reads: shown by `python -m data.convert KIND --help`; tests convert every example."""
+
+    summary: str
+    fields: str  # the input layout, one field per line
+    examples: tuple[tuple[str, str], ...]  # (file name, content); image paths are relative to --image-root
+    usage: str
+
+
+# lang: every record kind also accepts an optional "lang" (en | zh; default: detected from the text)
+FORMATS: dict[str, InputFormat] = {
+    "pairs": InputFormat(
+        "image-caption pairs: folder (img + same-stem .txt), .jsonl/.json or .csv",
+        """\
+a folder:      every image (jpg, png, webp, ...) with a same-stem .txt caption beside it (a/b.jpg + a/b.txt)
+.jsonl/.json:  one record per line (or a JSON list) with
+  image        image path, relative to --image-root            (another field: --image-col)
+  caption      the caption; "text" is accepted too             (another field: --caption-col)
+  lang         optional: en | zh (default: detected)
+.csv:          a header row naming the same columns (--image-col / --caption-col; optional lang)""",
+        (("captions.jsonl", '{"image": "cat.jpg", "caption": "A cat asleep on a sofa."}\n'
+                            '{"image": "dog.jpg", "caption": "一只狗在草地上奔跑。", "lang": "zh"}\n'),
+         ("captions.csv", "image,caption\ncat.jpg,A cat asleep on a sofa.\n")),
+        "python -m data.convert pairs captions.jsonl --out shards/cc --image-root images/"),
+    "coco": InputFormat(
+        "COCO captions json",
+        """\
+one JSON object (captions_train2017.json) with
+  images       [{"id", "file_name"}]       file_name relative to --image-root
+  annotations  [{"image_id", "caption"}]   one sample per annotation (--per-image: one per image)""",
+        (("captions_train2017.json", '{"images": [{"id": 9, "file_name": "cat.jpg"}],\n'
+                                     ' "annotations": [{"image_id": 9, "caption": "A cat on a sofa."}]}\n'),),
+        "python -m data.convert coco captions_train2017.json --out shards/coco --image-root train2017/"),
+    "refcoco": InputFormat(
+        "referring expressions / detection records -> ref_grounding (+ variants)",
+        """\
+.jsonl (or a JSON list) of records with
+  image        image path, relative to --image-root ("file_name" accepted)
+  sentence     the referring expression; or "sentences": [...] (strings or RefCOCO {"sent"} dicts)
+  bbox         pixel box [x, y, w, h] (--box-format xywh, the default) or [x1, y1, x2, y2] (xyxy)
+  width,height optional: the pixel space of bbox (default: the image's size)""",
+        (("refs.jsonl", '{"image": "cat.jpg", "sentence": "the cat on the left", "bbox": [10, 20, 100, 80]}\n'),),
+        "python -m data.convert refcoco refs.jsonl --out shards/refcoco --image-root images/"),
+    "vqa": InputFormat(
+        "visual question answering records",
+        """\
+.jsonl (or a JSON list) of records with
+  image        image path, relative to --image-root
+  question     the question
+  answers      annotator answers [...] (strings or VQAv2 {"answer"} dicts), and/or
+  answer       the training answer (put first; "multiple_choice_answer" accepted)""",
+        (("vqa.jsonl", '{"image": "cat.jpg", "question": "What animal is this?", "answers": ["cat", "cat", "kitten"]}\n'),),
+        "python -m data.convert vqa vqa.jsonl --out shards/vqa --image-root images/"),
+    "ocr": InputFormat(
+        "OCR records (lines with text and pixel box or quad)",
+        """\
+.jsonl (or a JSON list) of records with
+  image        image path, relative to --image-root
+  lines        [{"text", "box": [x1, y1, x2, y2] (--box-format, default xyxy) or "quad": 8 numbers / 4 [x, y]}]
+  width,height optional: the pixel space of the boxes (default: the image's size)""",
+        (("ocr.jsonl", '{"image": "sign.jpg", "lines": [{"text": "OPEN", "box": [12, 30, 90, 60]}]}\n'),),
+        "python -m data.convert ocr ocr.jsonl --out shards/ocr --image-root images/"),
+    "text": InputFormat(
+        "plain text: .jsonl of {text} or .txt paragraphs",
+        """\
+.jsonl (or a JSON list) of {"text"} records, or a .txt file: paragraphs separated by blank lines""",
+        (("text.jsonl", '{"text": "A paragraph of plain text for the language model."}\n'),
+         ("book.txt", "First paragraph.\nStill the first.\n\nSecond paragraph.\n")),
+        "python -m data.convert text text.jsonl --out shards/text"),
+    "qwen-chat": InputFormat(
+        "official Qwen-VL fine-tuning JSON (list of {id, conversations})",
+        """\
+a JSON list (or .jsonl) of conversations, the official Qwen-VL fine-tuning format:
+  id             optional record id (kept)
+  conversations  [{"from": "user" | "assistant" ("human" / "gpt" accepted), "value": "..."}]
+images: <img>path</img> inside a value, relative to --image-root (default: the file's directory)""",
+        (("my_finetune.json", '[{"id": "1", "conversations": [\n'
+                              '  {"from": "user", "value": "Picture 1: <img>cat.jpg</img>\\nWhat is it?"},\n'
+                              '  {"from": "assistant", "value": "A cat asleep on a sofa."}]}]\n'),),
+        "python -m data.convert qwen-chat my_finetune.json --out shards/chat --image-root images/"),
+}
+
+
+def _epilog(fmt: InputFormat) -> str:
+    parts = ["input:", textwrap.indent(fmt.fields, "  ")]
+    for name, content in fmt.examples:
+        parts += ["", f"example {name}:", textwrap.indent(content.rstrip("\n"), "  ")]
+    return "\n".join(parts + ["", "convert it:", f"  {fmt.usage}"])
+
+
 def _run(args: argparse.Namespace, writer: ShardWriter) -> ConvertReport:
     common: dict[str, Any] = {"source": args.source or args.format, "strict": args.strict, "lang": args.lang}
     inp = Path(args.input)
     if args.format == "pairs":
+        cols = {k: v for k, v in (("image_col", args.image_col), ("caption_col", args.caption_col)) if v}
         if inp.is_dir():
+            if cols:  # a folder pairs files by name: a column option would be silently meaningless
+                raise ConvertError(f"{inp}: --image-col / --caption-col name fields of a .jsonl/.json/.csv "
+                                   "input; a folder pairs each image with its same-stem .txt")
             return convert_caption_folder(inp, writer, **common)
         if inp.suffix.lower() == ".csv":
-            return convert_caption_csv(inp, writer, image_root=args.image_root, image_col=args.image_col,
-                                       caption_col=args.caption_col, **common)
-        return convert_caption_jsonl(inp, writer, image_root=args.image_root, **common)
+            return convert_caption_csv(inp, writer, image_root=args.image_root, **cols, **common)
+        return convert_caption_jsonl(inp, writer, image_root=args.image_root, **cols, **common)
     root = args.image_root or str(inp.parent)
     if args.format == "coco":
         return convert_coco_captions(inp, root, writer, per_image=args.per_image, **common)
@@ -58,11 +155,15 @@ def _run(args: argparse.Namespace, writer: ShardWriter) -> ConvertReport:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m data.convert", description="Convert datasets into shards.")
-    sub = ap.add_subparsers(dest="format", required=True)
+    ap = argparse.ArgumentParser(prog="python -m data.convert", description="Convert datasets into shards.",
+                                 epilog="python -m data.convert KIND --help shows the input fields KIND expects, "
+                                        "with an example.")
+    sub = ap.add_subparsers(dest="format", required=True, metavar="KIND")
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+    def add(name: str) -> argparse.ArgumentParser:
+        fmt = FORMATS[name]
+        p = sub.add_parser(name, help=fmt.summary, description=f"{name}: {fmt.summary}", epilog=_epilog(fmt),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("input", help="input file (or folder for pairs)")
         p.add_argument("--out", required=True, help="output shard directory")
         p.add_argument("--prefix", default="shard", help="shard name prefix (default: shard)")
@@ -76,19 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default: the input file's directory)")
         return p
 
-    p = add("pairs", "image-caption pairs: folder (img + same-stem .txt), .jsonl/.json or .csv")
-    p.add_argument("--image-col", default="image")
-    p.add_argument("--caption-col", default="caption")
-    add("coco", "COCO captions json").add_argument("--per-image", action="store_true",
-                                                   help="one sample per image (all captions) instead of per caption")
-    p = add("refcoco", "referring expressions / detection records -> ref_grounding (+ variants)")
-    p.add_argument("--box-format", choices=("xywh", "xyxy"), default="xywh")
-    p.add_argument("--tasks", nargs="+", choices=REF_TASKS, default=["ref_grounding"])
-    add("vqa", "visual question answering records")
-    add("ocr", "OCR records (lines with text and pixel box or quad)").add_argument(
-        "--box-format", choices=("xywh", "xyxy"), default="xyxy")
-    add("text", "plain text: .jsonl of {text} or .txt paragraphs")
-    add("qwen-chat", "official Qwen-VL fine-tuning JSON (list of {id, conversations})")
+    p = add("pairs")
+    p.add_argument("--image-col", default=None, metavar="FIELD",
+                   help="field (.jsonl/.json) or column (.csv) holding the image path (default: image)")
+    p.add_argument("--caption-col", default=None, metavar="FIELD",
+                   help="field or column holding the caption (default: caption; .jsonl also accepts text)")
+    add("coco").add_argument("--per-image", action="store_true",
+                             help="one sample per image (all captions) instead of per caption")
+    p = add("refcoco")
+    p.add_argument("--box-format", choices=("xywh", "xyxy"), default="xywh", help="bbox layout (default: xywh)")
+    p.add_argument("--tasks", nargs="+", choices=REF_TASKS, default=["ref_grounding"],
+                   help="samples made from each sentence (default: ref_grounding)")
+    add("vqa")
+    add("ocr").add_argument("--box-format", choices=("xywh", "xyxy"), default="xyxy",
+                            help="layout of lines[].box (default: xyxy)")
+    add("text")
+    add("qwen-chat")
     return ap
 
 

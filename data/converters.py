@@ -257,8 +257,9 @@ def _field(rec: Any, *names: str, required: bool = True) -> Any:
     for n in names:
         if n in rec and rec[n] is not None:
             return rec[n]
-    if required:
-        raise _Skip("bad_record", f"missing field {' / '.join(repr(n) for n in names)}")
+    if required:  # the fields it does have point at a wrong --image-col / --caption-col or format
+        has = ", ".join(repr(k) for k in list(rec)[:8]) or "none"
+        raise _Skip("bad_record", f"missing field {' / '.join(repr(n) for n in names)} (record has: {has})")
     return None
 
 
@@ -340,16 +341,19 @@ def convert_caption_folder(folder: str | os.PathLike, writer: ShardWriter, *, so
 
 
 def convert_caption_jsonl(path: str | os.PathLike, writer: ShardWriter, *, image_root: str | None = None,
+                          image_col: str = "image", caption_col: str = "caption", lang_col: str = "lang",
                           source: str = "pairs", strict: bool = False, lang: str | None = None) -> ConvertReport:
     """JSONL (or JSON list) of ``{"image": path, "caption": str[, "lang"]}``; paths relative to `image_root`
-    (default: the file's directory)."""
+    (default: the file's directory). `image_col` / `caption_col` / `lang_col` name other fields; with the
+    default caption field, ``text`` is accepted too."""
     p = Path(path)
     root = Path(image_root) if image_root else p.parent
     run = _Run(writer, source, strict, lang)
+    caption_fields = (caption_col, "text") if caption_col == "caption" else (caption_col,)
 
     def handle(index: int, where: str, rec: Any) -> None:
-        meta = _caption_meta(run, _field(rec, "caption", "text"), rec.get("lang"))
-        run.write(index, where, meta, [run.image(root, _field(rec, "image"))])
+        meta = _caption_meta(run, _field(rec, *caption_fields), rec.get(lang_col))
+        run.write(index, where, meta, [run.image(root, _field(rec, image_col))])
 
     return _drive(run, _records(p), handle)
 

@@ -10,6 +10,12 @@ Truncated files are refused as long as ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` k
 bicubic (no crop, aspect ratio not kept), ``/255``, CLIP mean/std normalisation. It performs the same float32
 operations as torchvision's ``Resize((s, s), BICUBIC) + ToTensor() + Normalize(mean, std)`` on a PIL image,
 so the result is bit-identical to the official pipeline.
+
+The training pipeline stops halfway: `to_uint8` gives the resized pixels as ``uint8 [3,S,S]`` (what samples,
+the packer and batches hold and what crosses process boundaries: a quarter of the fp32 bytes), and the model
+normalises them on the device (``QwenVL.encode_images``, with its own copy of the constants below, which a
+test keeps equal). `normalize` is that second half on the host: ``normalize(to_uint8(im, s)) == to_tensor(im,
+s)`` bit for bit.
 """
 
 from __future__ import annotations
@@ -83,17 +89,29 @@ def _reason(e: Exception) -> str:
     return "truncated_image" if isinstance(e, OSError) and "truncat" in str(e).lower() else "corrupt_image"
 
 
-def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> Float[3, size, size]: bicubic resize to a square (no crop), /255, CLIP mean/std."""
+def to_uint8(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> UInt8[3, size, size]: bicubic resize to a square (no crop), channels first."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """UInt8[..., 3, S, S] -> Float[..., 3, S, S]: /255 and CLIP mean/std, in float32."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 pixels, got {pixels.dtype}")
     # same op order and dtype as torchvision ToTensor + Normalize (bit-identical results)
-    t = torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
-    return t.sub_(_MEAN).div_(_STD)
+    t = pixels.to(torch.float32).div(255)
+    return t.sub_(_MEAN.to(t.device)).div_(_STD.to(t.device))
+
+
+def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> Float[3, size, size]: bicubic resize to a square (no crop), /255, CLIP mean/std."""
+    return normalize(to_uint8(img, size))
 
 
 __all__ = ["ImageError", "IMAGE_REASONS", "OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD", "DEFAULT_MAX_PIXELS",
-           "load_image", "to_tensor"]
+           "load_image", "normalize", "to_tensor", "to_uint8"]

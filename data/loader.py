@@ -24,6 +24,15 @@ shard is re-opened and its tar headers skipped up to the saved offset (data is n
 resume is exact without replaying the stream.  ``StreamDataset`` (an ``IterableDataset``) offers
 the per-DataLoader-worker split for throughput-only uses (evaluation, throwaway runs); it is not
 resumable because torch's prefetching hides which samples reached the trainer.
+
+Resume under another world size (``portable_state`` / ``load_portable``): from the states of ALL old
+consumers, per source, the newest epoch any of them reached and the work still owed to it (unread shards,
+the unread part of each current shard, whole epochs of a consumer that lagged behind) plus the samples read
+but never delivered (shuffle buffers, prefetch, packers: references). Each new consumer takes its share
+(``split_work``: the references round robin; whole shard items round robin, or every item cut by sample
+striding when there are fewer items than consumers), reads it as the rest of that epoch, then starts the
+next epoch under its own split. Over the epoch no sample is delivered twice or missed; its order differs
+from an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -48,8 +57,13 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 logger = logging.getLogger(__name__)
+_STRIDING_SAID: set[tuple[str, int, int]] = set()
 
 STATE_VERSION = 1
+REF_CHUNK = 64  # samples re-read by reference are read back this many at a time
+# fingerprint fields that may differ when a state is re-split over another world: the consumer, and the
+# shuffle buffer's size (its content goes back to the source as references either way)
+CONSUMER_FIELDS = ("rank", "world_size", "worker", "num_workers", "buffer_size")
 
 
 class LoaderError(ValueError):
@@ -255,6 +269,31 @@ def read_refs(refs: Sequence[Sequence[Any]]) -> list[RawSample]:
 # ------------------------------------------------------------------------------------------ stream
 
 
+def _item(url: str, *, start: int = 0, stride: int = 1, residue: int = 0, count_errors: bool = True) -> dict[str, Any]:
+    return {"url": url, "start": start, "stride": stride, "residue": residue, "count_errors": count_errors}
+
+
+def split_work(items: Sequence[dict[str, Any]], refs: Sequence[Sequence[Any]], consumer: int,
+               n_consumers: int) -> list[dict[str, Any]]:
+    """This consumer's share of re-split work: every `n_consumers`-th reference (first, they were next in
+    line), then whole shard items round robin when there are enough to go round, else every shard item
+    cut by sample striding (each consumer reads the shard, keeping its own residue class)."""
+    c, n = consumer, n_consumers
+    mine: list[dict[str, Any]] = []
+    all_refs = [list(r) for r in refs] + [list(r) for it in items if "refs" in it for r in it["refs"]]
+    if all_refs[c::n]:
+        mine.append({"refs": all_refs[c::n]})
+    shards = [it for it in items if "refs" not in it]
+    if len(shards) >= n:
+        mine += [dict(it) for it in shards[c::n]]
+    else:
+        for it in shards:
+            stride, residue = int(it.get("stride", 1)), int(it.get("residue", 0))
+            mine.append(_item(it["url"], start=int(it.get("start", 0)), stride=stride * n, residue=residue + c * stride,
+                              count_errors=bool(it.get("count_errors", True)) and c == 0))
+    return mine
+
+
 def _rng_state(rng: random.Random) -> list[Any]:
     v, internal, gauss = rng.getstate()
     return [v, list(internal), gauss]
@@ -302,14 +341,17 @@ class ShardStream:
         self.rank, self.world_size, self.worker, self.num_workers = rank, world_size, worker, num_workers
         self.n_consumers = world_size * num_workers
         self.consumer = rank * num_workers + worker
-        if len(self.urls) < self.n_consumers:
-            logger.warning("source %r: %d shards for %d consumers (world_size %d x workers %d); falling back "
-                           "to sample-level striding: every consumer reads every shard", name, len(self.urls),
-                           self.n_consumers, world_size, num_workers)
+        if len(self.urls) < self.n_consumers and (name, len(self.urls), self.n_consumers) not in _STRIDING_SAID:
+            # said once per source and split per process: streams are rebuilt (evaluation, resume, workers)
+            _STRIDING_SAID.add((name, len(self.urls), self.n_consumers))
+            logger.info("source %r: %d shards for %d consumers (world_size %d x workers %d): sample-level "
+                        "striding (every consumer reads every shard, keeping every n-th sample)", name,
+                        len(self.urls), self.n_consumers, world_size, num_workers)
         self._skip = _SkipCounter(name, strict)
         self._rng = random.Random()
         self._shard: _Shard | None = None
         self._events: Iterator[tuple] | None = None
+        self._ref_cache: deque[RawSample] = deque()
         self._start_epoch(0)
         self.yielded = 0
 
@@ -321,24 +363,42 @@ class ShardStream:
             random.Random(f"shards/{self.seed}/{self.name}/{epoch}").shuffle(order)
         return order
 
-    def _plan(self, epoch: int) -> tuple[list[str], bool]:
+    def plan(self, epoch: int, consumer: int | None = None, n_consumers: int | None = None) -> list[dict[str, Any]]:
+        """The work items of `consumer` (default: this one) out of `n_consumers` in `epoch`. An item is a shard
+        ``{"url", "start", "stride", "residue", "count_errors"}`` (read groups ``i >= start`` with
+        ``i % stride == residue``; `count_errors`: this consumer reports the shard unreadable) or, after a
+        re-split, ``{"refs": [...]}`` (samples re-read by reference)."""
+        c = self.consumer if consumer is None else consumer
+        n = self.n_consumers if n_consumers is None else n_consumers
         order = self.shard_order(epoch)
-        if len(order) >= self.n_consumers:
-            return order[self.consumer::self.n_consumers], False
-        return order, True
+        if len(order) >= n:
+            return [_item(u) for u in order[c::n]]
+        # fewer shards than consumers: everyone reads every shard, keeping (shard_pos + i) % n == c
+        return [_item(u, stride=n, residue=(c - pos) % n, count_errors=pos % n == c) for pos, u in enumerate(order)]
 
-    def _start_epoch(self, epoch: int) -> None:
+    def _start_epoch(self, epoch: int, items: list[dict[str, Any]] | None = None) -> None:
         self._close_shard()
-        self.epoch, self.shard_pos, self.offset = epoch, 0, 0
+        self.epoch, self.shard_pos = epoch, 0
         self.draining, self.epoch_fed = False, 0
         self.buffer: list[RawSample] = []
         self._rng.seed(f"buffer/{self.seed}/{self.name}/{epoch}/{self.rank}/{self.worker}")
-        self._shards, self._striding = self._plan(epoch)
+        self._resplit = items  # an explicit plan (the rest of an epoch re-split over a new world) or None
+        self._items = self.plan(epoch) if items is None else items
+        self.offset = self._item_start(0)
+
+    def _item_start(self, pos: int) -> int:
+        return int(self._items[pos].get("start", 0)) if pos < len(self._items) else 0
+
+    def _next_item(self) -> None:
+        self._close_shard()
+        self.shard_pos += 1
+        self.offset = self._item_start(self.shard_pos)
 
     def _close_shard(self) -> None:
         if self._shard is not None:
             self._shard.close()
         self._shard, self._events = None, None
+        self._ref_cache.clear()
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -346,11 +406,12 @@ class ShardStream:
 
     # ---- reading ----
     def _open_current(self) -> bool:
-        url = self._shards[self.shard_pos]
+        item = self._items[self.shard_pos]
+        url = item["url"]
         try:
             self._shard = _Shard(url)
         except _READ_ERRORS as e:
-            if not self._striding or self.shard_pos % self.n_consumers == self.consumer:  # count once
+            if item.get("count_errors", True):  # striding: one consumer counts it
                 self._skip("unreadable_shard", url, "<shard>", f"{type(e).__name__}: {e}")
             return False
         self._events = self._shard.events()
@@ -362,18 +423,28 @@ class ShardStream:
 
     def _read_next(self) -> RawSample | None:
         """Next sample of this consumer in shard order, or None when the epoch's shards are done."""
-        while self.shard_pos < len(self._shards):
+        while self.shard_pos < len(self._items):
+            item = self._items[self.shard_pos]
+            if "refs" in item:  # re-split leftovers of another world: read back by reference, a chunk at a time
+                refs = item["refs"]
+                if self.offset >= len(refs):
+                    self._next_item()
+                    continue
+                if not self._ref_cache:
+                    self._ref_cache.extend(read_refs(refs[self.offset:self.offset + REF_CHUNK]))
+                self.offset += 1
+                return self._ref_cache.popleft()
             if self._events is None and not self._open_current():
-                self.shard_pos, self.offset = self.shard_pos + 1, 0
+                self._next_item()
                 continue
             ev = next(self._events, None)
             if ev is None:
-                self._close_shard()
-                self.shard_pos, self.offset = self.shard_pos + 1, 0
+                self._next_item()
                 continue
             idx = self.offset
             self.offset += 1
-            if self._striding and (self.shard_pos + idx) % self.n_consumers != self.consumer:
+            stride = int(item.get("stride", 1))
+            if stride > 1 and idx % stride != int(item.get("residue", 0)):
                 continue
             url = self._shard.url
             if ev[0] == "bad":
@@ -430,11 +501,13 @@ class ShardStream:
                 "world_size": self.world_size, "worker": self.worker, "num_workers": self.num_workers}
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: position + shuffle-buffer references + RNG state."""
+        """JSON-serialisable state: position + shuffle-buffer references + RNG state (+ the explicit plan of
+        an epoch re-split over a new world size; ``"plan"`` is None otherwise)."""
         return {"version": STATE_VERSION, "config": self._fingerprint(), "epoch": self.epoch,
                 "shard_pos": self.shard_pos, "offset": self.offset, "draining": self.draining,
                 "epoch_fed": self.epoch_fed, "buffer": [s.ref() for s in self.buffer],
-                "rng": _rng_state(self._rng), "skipped": dict(self._skip.counts), "yielded": self.yielded}
+                "rng": _rng_state(self._rng), "skipped": dict(self._skip.counts), "yielded": self.yielded,
+                "plan": self._resplit}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -444,13 +517,85 @@ class ShardStream:
         if diff:
             raise LoaderError(f"source {self.name!r}: saved state does not fit this loader "
                               f"(field: (saved, now)): {diff}")
-        self._start_epoch(int(state["epoch"]))
+        self._start_epoch(int(state["epoch"]), state.get("plan"))
         self.shard_pos, self.offset = int(state["shard_pos"]), int(state["offset"])
         self.draining, self.epoch_fed = bool(state["draining"]), int(state["epoch_fed"])
         self.buffer = read_refs(state["buffer"])
         _set_rng_state(self._rng, state["rng"])
         self._skip.counts = Counter({k: int(v) for k, v in state["skipped"].items()})
         self.yielded = int(state["yielded"])
+
+    # ---- re-split over another world size ----
+    def _check_portable_source(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise LoaderError(f"source {self.name!r}: state version {state.get('version')} != {STATE_VERSION}")
+        mine = self._fingerprint()
+        diff = {k: (state["config"].get(k), v) for k, v in mine.items()
+                if k not in CONSUMER_FIELDS and state["config"].get(k) != v}
+        if diff:
+            raise LoaderError(f"source {self.name!r}: saved state does not fit this loader even across world sizes "
+                              f"(field: (saved, now)): {diff}")
+
+    def _left_in_epoch(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """What one consumer's saved state has not read yet of its current epoch (not its shuffle buffer)."""
+        cfg = state["config"]
+        c, n = cfg["rank"] * cfg["num_workers"] + cfg["worker"], cfg["world_size"] * cfg["num_workers"]
+        items = state.get("plan") or self.plan(int(state["epoch"]), c, n)
+        pos, off = int(state["shard_pos"]), int(state["offset"])
+        if state["draining"] or pos >= len(items):
+            return []
+        cur = dict(items[pos])
+        if "refs" in cur:
+            cur["refs"] = cur["refs"][off:]
+        else:
+            cur["start"] = off
+        return [cur, *[dict(it) for it in items[pos + 1:]]]
+
+    def portable_state(self, states: Sequence[dict[str, Any]], returned: Sequence[Sequence[Any]] = ()) -> dict[str, Any]:
+        """The world-size-independent position of this source from EVERY consumer's saved state: the epoch
+        (the newest any consumer reached) and the work that still belongs to it or to an older one (unread
+        shard items, unread parts of the current shards; shuffle-buffer samples and `returned` ones, i.e.
+        read ahead but never delivered, as references). ``load_portable`` takes one consumer's share."""
+        if not states:
+            raise LoaderError(f"source {self.name!r}: no saved consumer state to re-split")
+        for st in states:
+            self._check_portable_source(st)
+        n = states[0]["config"]["world_size"] * states[0]["config"]["num_workers"]
+        seen = sorted(st["config"]["rank"] * st["config"]["num_workers"] + st["config"]["worker"] for st in states)
+        if seen != list(range(n)):
+            raise LoaderError(f"source {self.name!r}: need the state of all {n} saved consumers, got {seen}")
+        newest = max(int(st["epoch"]) for st in states)
+        items: list[dict[str, Any]] = []
+        refs: list[list[Any]] = [list(r) for r in returned]
+        for st in sorted(states, key=lambda st: (st["config"]["rank"], st["config"]["worker"])):
+            cfg = st["config"]
+            c = cfg["rank"] * cfg["num_workers"] + cfg["worker"]
+            items += self._left_in_epoch(st)
+            for e in range(int(st["epoch"]) + 1, newest + 1):  # a consumer behind the others owes whole epochs
+                items += self.plan(e, c, n)
+            refs += [list(r) for r in st["buffer"]]
+        skipped: Counter[str] = Counter()
+        for st in states:
+            skipped.update({k: int(v) for k, v in st["skipped"].items()})
+        return {"version": STATE_VERSION, "kind": "shards", "name": self.name, "epoch": newest, "items": items,
+                "refs": refs, "skipped": dict(skipped), "yielded": sum(int(st["yielded"]) for st in states),
+                "from_consumers": n, "buffered": sum(len(st["buffer"]) for st in states)}
+
+    def load_portable(self, portable: dict[str, Any]) -> None:
+        """Continue from a ``portable_state``: this consumer's share of the epoch's remaining work first
+        (``split_work``), then the following epochs under this stream's own split. Counters (skips,
+        yielded) go to consumer 0."""
+        if portable.get("kind") != "shards" or portable.get("name") != self.name:
+            raise LoaderError(f"source {self.name!r}: portable state is for {portable.get('kind')} "
+                              f"{portable.get('name')!r}")
+        items = split_work(portable["items"], portable["refs"], self.consumer, self.n_consumers)
+        self._start_epoch(int(portable["epoch"]), items)
+        self._rng.seed(f"buffer/{self.seed}/{self.name}/{self.epoch}/{self.rank}/{self.worker}/resplit/"
+                       f"{portable['from_consumers']}->{self.n_consumers}")
+        self.epoch_fed = 1  # "no usable sample in a whole epoch" needs a whole epoch: not this partial one
+        first = self.consumer == 0
+        self._skip.counts = Counter({k: int(v) for k, v in portable["skipped"].items()} if first else {})
+        self.yielded = int(portable["yielded"]) if first else 0
 
 
 class MixedStream:
@@ -518,6 +663,39 @@ class MixedStream:
         self.counts = Counter({k: int(v) for k, v in state["counts"].items()})
         for s in self.streams:
             s.load_state_dict(state["sources"][s.name])
+
+    def portable_state(self, states: Sequence[dict[str, Any]],
+                       returned: Sequence[Sequence[Any]] = ()) -> dict[str, Any]:
+        """``ShardStream.portable_state`` per source (references in `returned` go to their source)."""
+        for st in states:
+            if st.get("kind") != "mixed" or st.get("names") != self.names or st.get("seed") != self.seed \
+                    or not _close(st.get("weights"), self.weights):
+                raise LoaderError(f"mixed state does not fit this loader (names/seed/weights): saved "
+                                  f"{st.get('names')} seed {st.get('seed')}, now {self.names} seed {self.seed}")
+        by_source: dict[str, list[Any]] = {n: [] for n in self.names}
+        for r in returned:
+            if r[0] not in by_source:
+                raise LoaderError(f"saved sample reference {r!r} names source {r[0]!r}, not one of {self.names}")
+            by_source[r[0]].append(r)
+        counts: Counter[str] = Counter()
+        for st in states:
+            counts.update({k: int(v) for k, v in st["counts"].items()})
+        return {"version": STATE_VERSION, "kind": "mixed", "names": self.names, "counts": dict(counts),
+                "sources": {s.name: s.portable_state([st["sources"][s.name] for st in states], by_source[s.name])
+                            for s in self.streams}}
+
+    def load_portable(self, portable: dict[str, Any]) -> None:
+        """Each source takes its share; the source-choice RNG restarts from (seed, rank, draws so far): the old
+        ranks' choice sequences cannot be continued by a different number of ranks."""
+        if portable.get("kind") != "mixed" or portable.get("names") != self.names:
+            raise LoaderError(f"portable state is for {portable.get('kind')} {portable.get('names')}, "
+                              f"this loader mixes {self.names}")
+        drawn = sum(int(v) for v in portable["counts"].values())
+        self._rng = random.Random(f"mix/{self.seed}/{self.rank}/{self.worker}/after/{drawn}")
+        first = self.rank == 0 and self.worker == 0
+        self.counts = Counter({n: int(portable["counts"].get(n, 0)) if first else 0 for n in self.names})
+        for s in self.streams:
+            s.load_portable(portable["sources"][s.name])
 
 
 def _close(a: Any, b: Sequence[float]) -> bool:
@@ -626,6 +804,38 @@ class ResumableLoader:
         self._replay = deque(read_refs(state["pending"]))
         self.delivered = Counter({k: int(v) for k, v in state["delivered"].items()})
         self.map_rejected = int(state["map_rejected"])
+
+    def portable_state(self, states: Sequence[dict[str, Any]],
+                       returned: Sequence[Sequence[Any]] = ()) -> dict[str, Any]:
+        """World-size-independent state from every rank's ``state_dict()``: prefetched samples (and `returned`
+        ones, e.g. a packer's) go back to their source as references (see ``ShardStream.portable_state``)."""
+        pending = [list(r) for st in states for r in st["pending"]]
+        back = [list(r) for r in returned] + pending
+        stream_states = [st["stream"] for st in states]
+        if isinstance(self.stream, MixedStream):
+            sp = self.stream.portable_state(stream_states, back)
+        else:
+            wrong = [r for r in back if r[0] != self.stream.name]
+            if wrong:
+                raise LoaderError(f"saved sample reference {wrong[0]!r} is not from source {self.stream.name!r}")
+            sp = self.stream.portable_state(stream_states, back)
+        delivered: Counter[str] = Counter()
+        for st in states:
+            delivered.update({k: int(v) for k, v in st["delivered"].items()})
+        return {"version": STATE_VERSION, "kind": "resumable", "stream": sp, "delivered": dict(delivered),
+                "map_rejected": sum(int(st["map_rejected"]) for st in states), "prefetched": len(pending)}
+
+    def load_portable(self, portable: dict[str, Any]) -> None:
+        for _, fut in self._pending:
+            if fut is not None:
+                fut.cancel()
+        self._pending.clear()
+        self._replay.clear()
+        self._exhausted = False
+        self.stream.load_portable(portable["stream"])
+        first = self.stream.rank == 0 and self.stream.worker == 0
+        self.delivered = Counter({k: int(v) for k, v in portable["delivered"].items()} if first else {})
+        self.map_rejected = int(portable["map_rejected"]) if first else 0
 
     def close(self) -> None:
         if self._pool is not None:

@@ -12,6 +12,13 @@ exact subset-sum over the buffer, done with Python big-int bitsets (``O(buffer)`
 integer per row), and among equally good subsets it prefers older samples. On an SFT-like length distribution
 (100-1500 tokens at 2048) this reaches ~0.99 of the slots with a 64-sample buffer, where greedy
 largest-first reaches ~0.977. Everything is deterministic in the order samples arrive.
+
+Validation happens here, once per sample on the host (``check_sample``, run by ``Packer.add`` and by
+``collate_rows`` for unchecked rows), so the model's forward needs no host sync to validate: every ``<img>`` is
+followed by exactly ``n_slots`` slot tokens and ``</img>`` inside the sample, ``</img>`` appears nowhere
+else, the image count equals the number of spans, no target lies inside a span, and labels are -100 or a
+token id (``>= 0``, ``< vocab_size`` when given). A batch of checked samples is then valid as a whole: rows
+hold whole samples, so spans are never cut and ``pixel_values`` lists exactly one image per span.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from data.tasks import TASK_ID
 
 EOD_ID = 151643  # <|endoftext|>: pad token (SPEC §2)
 IMG_START_ID = 151857  # <img>
+IMG_END_ID = 151858  # </img>
+N_IMAGE_SLOTS = 256  # slot tokens between <img> and </img> (the adapter's queries)
 IGNORE_INDEX = -100
 
 
@@ -47,22 +56,54 @@ def _name(s: SampleLike) -> str:
     return f"sample {ref!r}" if ref else "sample <no ref>"
 
 
-def check_sample(s: SampleLike, seq_len: int | None = None, img_start_id: int = IMG_START_ID) -> int:
-    """Validate one sample for packing; returns its length. Raises PackingError naming the sample."""
-    n = len(s.input_ids)
+def check_sample(s: SampleLike, seq_len: int | None = None, img_start_id: int = IMG_START_ID, *,
+                 img_end_id: int = IMG_END_ID, n_slots: int = N_IMAGE_SLOTS, vocab_size: int | None = None) -> int:
+    """Validate one sample for packing and for the model (image spans, targets); returns its length.
+    Raises PackingError naming the sample and what is wrong."""
+    ids, labels = s.input_ids, s.labels
+    n = len(ids)
     if n == 0:
         raise PackingError(f"{_name(s)}: has no tokens")
-    if len(s.labels) != n:
-        raise PackingError(f"{_name(s)}: {len(s.labels)} labels for {n} input ids")
+    if len(labels) != n:
+        raise PackingError(f"{_name(s)}: {len(labels)} labels for {n} input ids")
     if seq_len is not None and n > seq_len:
         raise PackingError(f"{_name(s)}: {n} tokens do not fit a row of seq_len {seq_len}; samples must be "
                            "truncated (or dropped) upstream, by the SampleBuilder")
-    n_img = sum(1 for t in s.input_ids if t == img_start_id)
-    if n_img != len(s.images):
-        raise PackingError(f"{_name(s)}: {n_img} <img> tokens but {len(s.images)} images")
+    starts = [i for i, t in enumerate(ids) if t == img_start_id]
+    if len(starts) != len(s.images):
+        raise PackingError(f"{_name(s)}: {len(starts)} <img> tokens but {len(s.images)} images")
+    if starts:
+        _check_spans(s, starts, img_start_id, img_end_id, n_slots)
+    elif img_end_id in ids:
+        raise PackingError(f"{_name(s)}: </img> (id {img_end_id}) at position {ids.index(img_end_id)} without <img>")
+    targets = [t for t in labels if t != IGNORE_INDEX]
+    if targets and (min(targets) < 0 or (vocab_size is not None and max(targets) >= vocab_size)):
+        raise PackingError(f"{_name(s)}: labels must be {IGNORE_INDEX} or token ids in [0, "
+                           f"{vocab_size if vocab_size is not None else 'vocab'}), got min {min(targets)} "
+                           f"max {max(targets)}")
+    if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
+        raise PackingError(f"{_name(s)}: input ids must be in [0, {vocab_size}), got min {min(ids)} max {max(ids)}")
     if s.task not in TASK_ID:
         raise PackingError(f"{_name(s)}: unknown task {s.task!r} (known: {sorted(TASK_ID)})")
     return n
+
+
+def _check_spans(s: SampleLike, starts: list[int], img_start_id: int, img_end_id: int, n_slots: int) -> None:
+    ids, labels, n = s.input_ids, s.labels, len(s.input_ids)
+    n_end = sum(1 for t in ids if t == img_end_id)
+    if n_end != len(starts):
+        raise PackingError(f"{_name(s)}: {len(starts)} <img> tokens but {n_end} </img> (id {img_end_id})")
+    for p in starts:
+        end = p + n_slots + 1
+        if end >= n:
+            raise PackingError(f"{_name(s)}: image span at position {p} is truncated: <img> needs {n_slots} slot "
+                               f"tokens and </img> at position {end}, the sample has {n} tokens")
+        if ids[end] != img_end_id or any(t in (img_start_id, img_end_id) for t in ids[p + 1:end]):
+            raise PackingError(f"{_name(s)}: image span at position {p}: <img> must be followed by {n_slots} slot "
+                               f"tokens and </img> (id {img_end_id}) at position {end}")
+        if any(lab != IGNORE_INDEX for lab in labels[p + 1:end + 1]):
+            raise PackingError(f"{_name(s)}: image span at position {p} has trained labels (slots and </img> "
+                               f"must be {IGNORE_INDEX})")
 
 
 def best_fill(lengths: Sequence[int], capacity: int) -> list[int]:
@@ -95,16 +136,17 @@ class Packer:
     those samples and re-adding them in order reproduces the same rows."""
 
     def __init__(self, seq_len: int, *, buffer_size: int = 128, same_task: bool = False,
-                 img_start_id: int = IMG_START_ID):
+                 img_start_id: int = IMG_START_ID, check: dict[str, Any] | None = None):
         if seq_len < 1 or buffer_size < 1:
             raise ValueError(f"seq_len and buffer_size must be >= 1, got {seq_len}, {buffer_size}")
         self.seq_len, self.buffer_size, self.same_task = int(seq_len), int(buffer_size), bool(same_task)
         self.img_start_id = img_start_id
+        self.check = dict(check or {})  # extra check_sample keywords (img_end_id, n_slots, vocab_size)
         self.pending: list[SampleLike] = []
         self._lengths: list[int] = []
 
     def add(self, s: SampleLike) -> None:
-        self._lengths.append(check_sample(s, self.seq_len, self.img_start_id))
+        self._lengths.append(check_sample(s, self.seq_len, self.img_start_id, **self.check))
         self.pending.append(s)
 
     def ready(self) -> bool:
@@ -142,25 +184,30 @@ class Packer:
 
 def collate_rows(rows: Sequence[Sequence[SampleLike]], seq_len: int | None = None, *, pad_id: int = EOD_ID,
                  image_size: int | None = None, img_start_id: int = IMG_START_ID,
-                 checked: bool = False) -> dict[str, torch.Tensor]:
+                 checked: bool = False, pin_memory: bool = False,
+                 check: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Rows of samples -> the batch dict (DESIGN.md "Batches"). ``seq_len=None`` pads to the longest row.
-    ``checked=True``: the samples already passed ``check_sample`` (``Packer.add`` does), skip re-scanning them.
+    ``checked=True``: the samples already passed ``check_sample`` (``Packer.add`` does), skip re-scanning them;
+    otherwise ``check`` holds extra ``check_sample`` keywords. ``pin_memory=True``: every tensor is allocated
+    in page-locked memory (for asynchronous host-to-GPU copies; needs CUDA), written once, never copied again.
 
-    Padding: ``pad_id`` tokens, labels -100, segment 0. ``pixel_values`` holds every image in the order of
-    its ``<img>`` token scanning rows in order; ``[0,3,S,S]`` (S = ``image_size`` or 0) without images."""
+    Padding: ``pad_id`` tokens, labels -100, segment 0. ``pixel_values`` holds every image (``uint8 [3,S,S]``
+    from ``data.images.to_uint8``; all images of a batch share shape and dtype) in the order of its ``<img>``
+    token scanning rows in order; ``uint8 [0,3,S,S]`` (S = ``image_size`` or 0) without images."""
     if not rows or any(len(r) == 0 for r in rows):
         raise PackingError("collate_rows: need at least one row and no empty rows")
-    lens = [[len(s.input_ids) if checked else check_sample(s, None, img_start_id) for s in r] for r in rows]
+    ck = dict(check or {})
+    lens = [[len(s.input_ids) if checked else check_sample(s, None, img_start_id, **ck) for s in r] for r in rows]
     longest = max(sum(ls) for ls in lens)
     T = longest if seq_len is None else int(seq_len)
     if longest > T:
         i = max(range(len(rows)), key=lambda k: sum(lens[k]))
         raise PackingError(f"row {i} holds {longest} tokens ({', '.join(_name(s) for s in rows[i])}) > seq_len {T}")
-    B = len(rows)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    segment_ids = torch.zeros((B, T), dtype=torch.int32)
-    position_ids = torch.zeros((B, T), dtype=torch.long)
+    B, pin = len(rows), bool(pin_memory)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long, pin_memory=pin)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, pin_memory=pin)
+    segment_ids = torch.zeros((B, T), dtype=torch.int32, pin_memory=pin)
+    position_ids = torch.zeros((B, T), dtype=torch.long, pin_memory=pin)
     images: list[torch.Tensor] = []
     for b, (row, ls) in enumerate(zip(rows, lens)):
         t = 0
@@ -173,29 +220,33 @@ def collate_rows(rows: Sequence[Sequence[SampleLike]], seq_len: int | None = Non
             t += n
         position_ids[b, t:] = torch.arange(T - t)
     if images:
-        shapes = {tuple(im.shape) for im in images}
+        shapes = {(tuple(im.shape), im.dtype) for im in images}
         if len(shapes) != 1:
-            raise PackingError(f"images of one batch must share a shape, got {sorted(shapes)}")
-        pixel_values = torch.stack(images)
+            raise PackingError(f"images of one batch must share a shape and dtype, got "
+                               f"{sorted((sh, str(dt)) for sh, dt in shapes)}")
+        (shape, dtype), = shapes
+        pixel_values = torch.empty((len(images), *shape), dtype=dtype, pin_memory=pin)
+        torch.stack(images, out=pixel_values)
     else:
         s = int(image_size or 0)
-        pixel_values = torch.zeros((0, 3, s, s), dtype=torch.float32)
+        pixel_values = torch.zeros((0, 3, s, s), dtype=torch.uint8, pin_memory=pin)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "segment_ids": segment_ids,
         "position_ids": position_ids,
         "pixel_values": pixel_values,
-        "task_ids": torch.tensor([TASK_ID[r[0].task] for r in rows], dtype=torch.long),
-        "n_samples": torch.tensor([len(r) for r in rows], dtype=torch.long),
+        "task_ids": torch.tensor([TASK_ID[r[0].task] for r in rows], dtype=torch.long, pin_memory=pin),
+        "n_samples": torch.tensor([len(r) for r in rows], dtype=torch.long, pin_memory=pin),
     }
 
 
 def pad_collate(samples: Sequence[SampleLike], seq_len: int | None = None, *, pad_id: int = EOD_ID,
-                image_size: int | None = None, img_start_id: int = IMG_START_ID) -> dict[str, torch.Tensor]:
+                image_size: int | None = None, img_start_id: int = IMG_START_ID, pin_memory: bool = False,
+                check: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Unpacked batch: one sample per row, padded to ``seq_len`` (or to the longest sample when None)."""
     return collate_rows([[s] for s in samples], seq_len, pad_id=pad_id, image_size=image_size,
-                        img_start_id=img_start_id)
+                        img_start_id=img_start_id, pin_memory=pin_memory, check=check)
 
 
 def packing_efficiency(rows: Sequence[Sequence[SampleLike]], seq_len: int) -> float:
@@ -204,5 +255,5 @@ def packing_efficiency(rows: Sequence[Sequence[SampleLike]], seq_len: int) -> fl
     return real / max(1, len(rows) * seq_len)
 
 
-__all__ = ["EOD_ID", "IGNORE_INDEX", "IMG_START_ID", "Packer", "PackingError", "SampleLike", "best_fill",
+__all__ = ["EOD_ID", "IGNORE_INDEX", "IMG_END_ID", "IMG_START_ID", "N_IMAGE_SLOTS", "Packer", "PackingError", "SampleLike", "best_fill",
            "check_sample", "collate_rows", "pad_collate", "packing_efficiency"]

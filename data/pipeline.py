@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ from data.loader import (
     read_refs,
 )
 from data.packing import EOD_ID, IMG_START_ID, Packer, collate_rows
+from data.prefetch import BackgroundBatches
 
 logger = logging.getLogger(__name__)
 
@@ -140,21 +141,32 @@ class StageStream:
     def __init__(self, loader: ResumableLoader, mapper: SampleMapper, *, seq_len: int, batch_size: int,
                  pack: bool = True, same_task: bool = False, pack_buffer: int = 128, image_size: int | None = None,
                  pad_to_seq_len: bool = False, drop_last: bool = False, pad_id: int = EOD_ID,
-                 img_start_id: int = IMG_START_ID, fingerprint: dict[str, Any] | None = None):
+                 img_start_id: int = IMG_START_ID, fingerprint: dict[str, Any] | None = None,
+                 pin_memory: bool | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.loader, self.mapper = loader, mapper
         self.seq_len, self.batch_size, self.pack = int(seq_len), int(batch_size), bool(pack)
         self.image_size, self.pad_to_seq_len, self.drop_last = image_size, pad_to_seq_len, drop_last
         self.pad_id, self.img_start_id = pad_id, img_start_id
-        self.packer = Packer(self.seq_len, buffer_size=pack_buffer if pack else 1, same_task=same_task,
-                             img_start_id=img_start_id)
+        # page-locked batches (None: when CUDA is available) so the host-to-device copy can be asynchronous
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.packer = self._new_packer(pack_buffer if pack else 1, same_task)
         self._fingerprint = {"seq_len": self.seq_len, "batch_size": self.batch_size, "pack": self.pack,
                              "same_task": bool(same_task), "pack_buffer": int(pack_buffer), **(fingerprint or {})}
         self._skips = _SkipLog()
         self.counters: Counter[str] = Counter({"samples": 0, "rows": 0, "real_tokens": 0, "slots": 0,
                                                "batches": 0})
         self._gen: Iterator[dict[str, Any]] | None = None
+
+    # ---- the family's packing and batch layout (data/qwen2_vl_stream.py overrides these two) ----
+    def _new_packer(self, buffer_size: int, same_task: bool) -> Packer:
+        return Packer(self.seq_len, buffer_size=buffer_size, same_task=same_task, img_start_id=self.img_start_id)
+
+    def _collate(self, rows: list[list[Any]], T: int | None) -> dict[str, Any]:
+        return collate_rows(rows, T, pad_id=self.pad_id, image_size=self.image_size,
+                            img_start_id=self.img_start_id, checked=True,  # Packer.add checked them
+                            pin_memory=self.pin_memory)
 
     # ---- iteration ----
     def __iter__(self) -> StageStream:
@@ -191,8 +203,7 @@ class StageStream:
             if not rows or (self.drop_last and len(rows) < self.batch_size):
                 return
             T = self.seq_len if (self.pack or self.pad_to_seq_len) else None
-            batch = collate_rows(rows, T, pad_id=self.pad_id, image_size=self.image_size,
-                                 img_start_id=self.img_start_id, checked=True)  # Packer.add checked them
+            batch = self._collate(rows, T)
             c = self.counters
             c["batches"] += 1
             c["rows"] += len(rows)
@@ -223,8 +234,7 @@ class StageStream:
             raise LoaderError(f"saved stage-stream state does not fit this pipeline (field: (saved, now)): {diff}")
         self._gen = None  # a fresh generator continues from the restored state
         self.loader.load_state_dict(state["loader"])
-        self.packer = Packer(self.seq_len, buffer_size=self.packer.buffer_size, same_task=self.packer.same_task,
-                             img_start_id=self.img_start_id)
+        self.packer = self._new_packer(self.packer.buffer_size, self.packer.same_task)
         for raw in read_refs(state["pending"]):
             s = self.mapper(raw)
             if isinstance(s, SampleSkipped):
@@ -233,6 +243,51 @@ class StageStream:
             self.packer.add(s)
         self._skips.counts = Counter({k: int(v) for k, v in state["skipped"].items()})
         self.counters = Counter({k: int(v) for k, v in state["counters"].items()})
+
+    # ---- resume under another world size ----
+    def portable_state(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """World-size-independent state from EVERY rank's ``state_dict()``: per source the epoch and what is
+        left of it; the samples in the packers (and prefetched, and in shuffle buffers) were never trained on
+        and go back to their sources as references. Counters are summed."""
+        for st in states:
+            if st.get("version") != STATE_VERSION:
+                raise LoaderError(f"stage stream state version {st.get('version')} != {STATE_VERSION}")
+            # rows per batch and packer size may change with the world (e.g. to keep the global batch): the
+            # packers' samples go back to their sources either way
+            diff = {k: (st["config"].get(k), v) for k, v in self._fingerprint.items()
+                    if k not in ("batch_size", "pack_buffer") and st["config"].get(k) != v}
+            if diff:
+                raise LoaderError(f"saved stage-stream state does not fit this pipeline (field: (saved, now)): {diff}")
+        packed = [list(r) for st in states for r in st["pending"]]
+        skipped: Counter[str] = Counter()
+        counters: Counter[str] = Counter()
+        for st in states:
+            skipped.update({k: int(v) for k, v in st["skipped"].items()})
+            counters.update({k: int(v) for k, v in st["counters"].items()})
+        return {"version": STATE_VERSION, "kind": "stage", "config": dict(self._fingerprint),
+                "loader": self.loader.portable_state([st["loader"] for st in states], packed),
+                "packer": len(packed), "skipped": dict(skipped), "counters": dict(counters)}
+
+    def load_portable(self, portable: dict[str, Any]) -> None:
+        """Continue from a ``portable_state`` as this rank of the new world (an empty packer; counters on rank 0)."""
+        if portable.get("kind") != "stage":
+            raise LoaderError(f"portable state kind {portable.get('kind')!r} is not a stage stream's")
+        self._gen = None
+        self.loader.load_portable(portable["loader"])
+        self.packer = self._new_packer(self.packer.buffer_size, self.packer.same_task)
+        first = getattr(self.loader.stream, "rank", 0) == 0
+        self._skips.counts = Counter({k: int(v) for k, v in portable["skipped"].items()} if first else {})
+        self.counters = Counter({k: int(v) if first else 0 for k, v in portable["counters"].items()})
+
+    def load_resplit(self, states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Resume from the saved states of ALL ranks of another world size (``portable_state`` then
+        ``load_portable``); returns what was not carried over exactly (samples re-read, per kind)."""
+        portable = self.portable_state(states)
+        self.load_portable(portable)
+        sources = _sources(portable["loader"]["stream"])
+        return {"from_ranks": len(states), "packer": portable["packer"], "prefetch": portable["loader"]["prefetched"],
+                "shuffle_buffer": sum(s["buffered"] for s in sources.values()),
+                "epochs": {n: s["epoch"] for n, s in sources.items()}}
 
     def close(self) -> None:
         self._gen = None
@@ -245,14 +300,36 @@ class StageStream:
         self.close()
 
 
+def _sources(stream_portable: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if stream_portable["kind"] == "mixed":
+        return dict(stream_portable["sources"])
+    return {stream_portable["name"]: stream_portable}
+
+
+def _family_stream(family: str) -> tuple[Callable[..., Any], type[StageStream]]:
+    """A model family's (sample builder factory (stage, tokenizer_path, image_size, seq_len, **kw), StageStream
+    class). data/ keeps this table itself (it never imports train/, whose train/model/families.py names the
+    same families)."""
+    if family == "qwen_vl":
+        from data.samples import SampleBuilder
+
+        return SampleBuilder, StageStream
+    if family == "qwen2_vl":
+        from data.qwen2_vl_stream import Qwen2VLStageStream, make_qwen2_builder
+
+        return make_qwen2_builder, Qwen2VLStageStream
+    raise ValueError(f"unknown model family {family!r}; known: qwen_vl, qwen2_vl")
+
+
 def build_stage_stream(stage: int, sources: str | os.PathLike | Sequence[Any], *,
-                       tokenizer_path: str | os.PathLike | None = None, image_size: int, seq_len: int,
+                       tokenizer_path: str | os.PathLike | None = None, image_size: int | None, seq_len: int,
                        batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, train: bool = True,
                        buffer_size: int = 0, num_workers: int = 0, strict: bool = False, pack: bool = True,
                        same_task: bool | None = None, pack_buffer: int = 128, truncate: str | None = None,
                        max_pixels: int | None = None, pad_to_seq_len: bool = False, drop_last: bool = False,
                        prefetch: int | None = None, mp_context: Any = None, builder: Any = None,
-                       **builder_kwargs: Any) -> StageStream:
+                       pin_memory: bool | None = None, prefetch_batches: int = 0, family: str = "qwen_vl",
+                       **builder_kwargs: Any) -> StageStream | BackgroundBatches:
     """The batch stream of one training stage for one rank (see the module docstring).
 
     ``sources``: a shard spec, a list of shard specs (one source), or a list of ``{"name", "shards",
@@ -260,15 +337,24 @@ def build_stage_stream(stage: int, sources: str | os.PathLike | Sequence[Any], *
     ``train=False``: one pass in shard order without shuffling (held-out evaluation; a single source).
     ``same_task`` defaults to ``stage == 2`` (the paper packs stage-2 rows with one task each).
     ``truncate``, ``max_pixels`` and any extra keyword go to ``data.samples.SampleBuilder`` (None = its
-    default); ``builder`` replaces the SampleBuilder altogether (any picklable RawSample -> Sample callable)."""
+    default); ``builder`` replaces the SampleBuilder altogether (any picklable RawSample -> Sample callable).
+    ``pin_memory``: page-locked batches (None = when CUDA is available). ``prefetch_batches > 0``: that many
+    batches are made ahead on a background thread (``data.prefetch.BackgroundBatches``: tar reading, packing
+    and collation off the training thread; same batches, same exact-resume state).
+    ``family``: the model family whose sample format and batch layout to produce (qwen_vl | qwen2_vl; the
+    shards are the same); qwen2_vl takes ``min_pixels``, ``max_pixels_resize``, ``patch_size`` and
+    ``merge_size`` (data.qwen2_vl_samples.Qwen2VLSampleBuilder) and no ``image_size``."""
     if stage not in (1, 2, 3):
         raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
     same_task = (stage == 2) if same_task is None else bool(same_task)
+    make_builder, stream_cls = _family_stream(family)
+    fingerprint = {"stage": stage, "image_size": image_size}
+    if family != "qwen_vl":  # Qwen-VL's saved states keep their fingerprint
+        fingerprint |= {"family": family, **{k: builder_kwargs[k] for k in sorted(builder_kwargs)
+                                             if k in ("min_pixels", "max_pixels_resize", "patch_size", "merge_size")}}
     if builder is None:
-        from data.samples import SampleBuilder
-
         opts = {k: v for k, v in (("truncate", truncate), ("max_pixels", max_pixels)) if v is not None}
-        builder = SampleBuilder(stage, tokenizer_path, image_size, seq_len, seed=seed, **opts, **builder_kwargs)
+        builder = make_builder(stage, tokenizer_path, image_size, seq_len, seed=seed, **opts, **builder_kwargs)
     elif builder_kwargs or truncate is not None or max_pixels is not None:
         raise ValueError(f"builder given: SampleBuilder options {sorted(builder_kwargs)} would be ignored")
     if not isinstance(sources, (str, os.PathLike)) and sources and all(isinstance(x, (str, os.PathLike))
@@ -283,9 +369,12 @@ def build_stage_stream(stage: int, sources: str | os.PathLike | Sequence[Any], *
                          "several shard specs) per evaluation stream")
     mapper = SampleMapper(builder, strict=strict)
     loader = ResumableLoader(stream, mapper, num_workers=num_workers, prefetch=prefetch, mp_context=mp_context)
-    return StageStream(loader, mapper, seq_len=seq_len, batch_size=batch_size, pack=pack, same_task=same_task,
-                       pack_buffer=pack_buffer, image_size=image_size, pad_to_seq_len=pad_to_seq_len,
-                       drop_last=drop_last, fingerprint={"stage": stage, "image_size": image_size})
+    if prefetch_batches < 0:
+        raise ValueError(f"prefetch_batches must be >= 0, got {prefetch_batches}")
+    st = stream_cls(loader, mapper, seq_len=seq_len, batch_size=batch_size, pack=pack, same_task=same_task,
+                    pack_buffer=pack_buffer, image_size=image_size, pad_to_seq_len=pad_to_seq_len,
+                    drop_last=drop_last, fingerprint=fingerprint, pin_memory=pin_memory)
+    return BackgroundBatches(st, prefetch_batches) if prefetch_batches else st
 
 
 __all__ = ["SampleError", "SampleMapper", "SampleSkipped", "StageStream", "build_stage_stream"]

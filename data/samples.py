@@ -2,7 +2,8 @@
 
 Label convention (HF): ``labels[i] == input_ids[i]`` where position i is a trained target, -100 elsewhere;
 the model shifts. Every image occupies a 258-token span (``<img>`` + 256 slots + ``</img>``) built with
-``QwenTokenizer.image_span`` and gets one tensor in ``Sample.images`` (span order).
+``QwenTokenizer.image_span`` and gets one ``uint8 [3,S,S]`` tensor in ``Sample.images`` (span order; resized,
+not normalised: the model normalises on the device, see ``data.images``).
 
 Stage 1 (``caption`` only): ``<img>P</img>`` + caption + ``<|endoftext|>``; loss on caption + eod.
 Stage 2: the SPEC §3 multitask templates below; prompt not in the loss, target + eod in the loss; pure text
@@ -11,10 +12,12 @@ is all in the loss. The instruction language follows ``meta["lang"]``: English p
 official checkpoints were trained and are evaluated with) or Chinese-language instructions (``"chinese"``).
 Stage 3: ChatML (SPEC §3) for ``chat`` samples; loss on assistant content + ``<|im_end|>`` + ``\\n``
 (``official_loss=True`` also trains what the official finetune.py trains: ``<|im_start|>`` of every turn and
-``<|im_end|>``, ``\\n`` of system/user turns). Pieces are tokenised separately exactly as finetune.py does
-(role, newline, content) so ids match the official pipeline. Conversation text is used verbatim (the official
-format already carries ``Picture N: `` labels); every ``<img>X</img>`` becomes an image span, ``X`` resolved
-to a shard member. Stage-2 task samples in stage 3 use the stage-2 templates.
+``<|im_end|>``, ``\\n`` of system/user turns, and, like its ``preprocess()``, drops a first message that is not
+from the user). Pieces are tokenised separately exactly as finetune.py does (role, newline, content) so ids
+match the official pipeline. Conversation text is used verbatim (the official format already carries
+``Picture N: `` labels); every ``<img>X</img>`` becomes an image span, ``X`` resolved to a shard member. An
+image span is never in the loss, inside an assistant turn too (official trains on its slot ids there: see
+docs/DESIGN.md "Official compatibility"). Stage-2 task samples in stage 3 use the stage-2 templates.
 
 Text from data is encoded with only the grounding markup (``<ref>``, ``<box>``, ``<quad>`` and their closing
 tags) as special tokens: a stray ``<|im_end|>`` or ``<|endoftext|>`` in a caption stays plain text, so data
@@ -37,8 +40,9 @@ from typing import Any
 import torch
 
 from data.boxes import GRID, InvalidBox, format_box, format_quad, format_ref, parse_boxes
-from data.images import DEFAULT_MAX_PIXELS, IMAGE_REASONS, ImageError, load_image, to_tensor
+from data.images import DEFAULT_MAX_PIXELS, IMAGE_REASONS, ImageError, load_image, to_uint8
 from data.loader import RawSample
+from data.sanity import sample_problem
 from data.tasks import LANGS, STAGE2_TASKS, TASKS
 from data.tokenizer import QwenTokenizer
 
@@ -57,6 +61,8 @@ SKIP_REASONS: tuple[str, ...] = (
     "bad_markup",          # unbalanced <ref>/<box> tags in a grounded caption
     "bad_conversation",    # malformed turn (role, value)
     "missing_image",       # referenced image member not in the sample
+    "bad_member_name",     # sample key is an absolute path or has a '..' component (data.sanity)
+    "invalid_unicode",     # a metadata string holds a lone surrogate (data.sanity), never silently replaced
     *IMAGE_REASONS,        # from data.images.load_image: empty/corrupt/truncated/too_many_pixels/unsupported
     "too_long",            # longer than max_len (truncate="drop", or no trained label fits)
     "image_span_cut",      # truncate="shorten" could only cut inside the first image span
@@ -159,6 +165,9 @@ class SampleBuilder:
     # ---- entry point
     def __call__(self, raw: RawSample) -> Sample:
         meta = raw.meta if isinstance(raw.meta, dict) else {}
+        problem = sample_problem(raw.key, meta)
+        if problem:
+            raise self._skip(raw, *problem)
         task = meta.get("task")
         if task is None:
             raise self._skip(raw, "missing_key", "metadata has no 'task'")
@@ -381,6 +390,8 @@ class SampleBuilder:
                 raise self._skip(raw, "bad_conversation", f"conversations[{i}] has role {turn.get('from')!r}")
             if not isinstance(value, str):
                 raise self._skip(raw, "bad_conversation", f"conversations[{i}].value is not a string")
+            if off and i == 0 and role != "user":
+                continue  # official preprocess() drops a first message not from the user (that one only)
             is_asst = role == "assistant"
             has_target |= is_asst and bool(_IMG_RE.sub("", value).strip())
             pieces.append(("text", [t.im_start_id], off))
@@ -440,7 +451,7 @@ class SampleBuilder:
                     img = load_image(data, name=f"{raw.key}.{m}", max_pixels=self.max_pixels)
                 except ImageError as e:
                     raise self._skip(raw, e.reason, str(e)) from None
-                cache[m] = to_tensor(img, self.image_size)
+                cache[m] = to_uint8(img, self.image_size)  # normalised on the device
             out.append(cache[m])
         return out
 

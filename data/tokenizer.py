@@ -32,6 +32,8 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>",
 )
 SPECIAL_IDS: dict[str, int] = {tok: N_RANKS + i for i, tok in enumerate(SPECIAL_TOKENS)}
+# kept by decode(skip_special=True, keep_image_special=True), as the official `image_special_tokens`
+_GROUNDING_IDS = frozenset(SPECIAL_IDS[t] for t in ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>"))
 
 
 class TokenizerError(ValueError):
@@ -125,22 +127,51 @@ class QwenTokenizer:
         allowed = set() if special is False else set(special)
         return self._enc.encode(text, allowed_special=allowed, disallowed_special=())
 
-    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        """ids -> text; special tokens (and image slot ids inside image spans) dropped when skip_special."""
-        ids = [int(i) for i in ids]
+    def decode(self, ids: int | Sequence[int], skip_special: bool = True, errors: str = "replace", *,
+               keep_image_special: bool = False) -> str:
+        """ids -> text, as the official tokenizer's `decode`.
+
+        Every image span (`<img>` + 256 slots + `</img>`) gives back the path its slots hold (the bytes before
+        the first `<imgpad>`), so a decoded prompt reads `<img>path</img>` instead of 256 raw slot tokens.
+        skip_special: drop special tokens (the `<img>` tags too, the path text stays, as official);
+        `keep_image_special=True` keeps `<ref>`/`<box>`/`<quad>` and their closing tags (official option of
+        the same name). errors: how invalid UTF-8 is handled ("replace", "ignore", "strict", ...; official
+        default "replace") -- for token bytes and for path bytes alike.
+
+        Where the official code raises, this decodes: an `<img>` that does not open a 258-token span (a reply
+        cut mid-stream, or `<img>x</img>` encoded as text) stays as ordinary tokens, and slot ids that are not
+        bytes are left out of the path.
+        """
+        ids = [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+        ids = self._paths_from_spans(ids, errors)
         if skip_special:
-            keep, in_img = [], False
-            for i in ids:
-                if i == self.img_start_id:
-                    in_img = True
-                elif i == self.img_end_id:
-                    in_img = False
-                elif not in_img and i < N_RANKS:
-                    keep.append(i)
-            ids = keep
+            keep = _GROUNDING_IDS if keep_image_special else frozenset()
+            ids = [i for i in ids if i < N_RANKS or i in keep]
         else:
-            ids = [i for i in ids if i < self.n_vocab]
-        return self._enc.decode(ids, errors="replace")
+            ids = [i for i in ids if 0 <= i < self.n_vocab]
+        return self._enc.decode(ids, errors=errors)
+
+    def _paths_from_spans(self, ids: list[int], errors: str) -> list[int]:
+        """Each image span (`<img>` + 256 slots + `</img>`) -> `<img>` + the ids of its path text + `</img>`."""
+        out: list[int] = []
+        i, n = 0, len(ids)
+        while i < n:
+            if ids[i] != self.img_start_id:
+                out.append(ids[i])
+                i += 1
+                continue
+            end = i + 1 + N_IMAGE_SLOTS
+            if end >= n or ids[end] != self.img_end_id:  # not a 258-token span (unclosed, or tagged text)
+                out.append(ids[i])
+                i += 1
+                continue
+            slots = ids[i + 1:end]
+            if self.img_pad_id in slots:
+                slots = slots[:slots.index(self.img_pad_id)]
+            path = bytes(b for b in slots if 0 <= b < 256).decode("utf-8", errors=errors)
+            out += [self.img_start_id, *self._enc.encode_ordinary(path), self.img_end_id]
+            i = end + 1
+        return out
 
     def image_span(self, path: str = "") -> list[int]:
         """`<img>` + 256 slots + `</img>`. As in the official tokenizer the slots hold the path's bytes (ids

@@ -13,6 +13,7 @@ from data.boxes import (
     box_iou,
     box_to_quad,
     denormalize_box,
+    denormalize_quad,
     format_box,
     format_quad,
     format_ref,
@@ -20,6 +21,7 @@ from data.boxes import (
     normalize_quad,
     parse_boxes,
     parse_first_box,
+    parse_grounding,
     parse_quads,
     parse_refs,
     xywh_to_xyxy,
@@ -145,3 +147,33 @@ def test_iou():
     assert box_iou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
     assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
     assert math.isclose(box_iou([0, 0, 0, 0], [0, 0, 0, 0]), 0.0)
+
+
+def test_parse_grounding_reply():
+    text = ("<ref>a dog</ref><box>(1,2),(3,4)</box><box>(5,6),(7,8)</box> and <box>(9,9),(10,10)</box>, "
+            "<ref>猫</ref> <box>( 11 , 12 ),( 13 , 14 )</box>"
+            "<ref>Hello</ref><quad>(1,2),(3,2),(3,4),(1,4)</quad>"
+            "<ref>bad</ref><box>(1,2)</box><quad>(1,2),(3,4)</quad><box>(1200,0),(1500,999)</box>")
+    assert parse_grounding(text) == [
+        ("a dog", "box", (1, 2, 3, 4)), ("a dog", "box", (5, 6, 7, 8)),  # several boxes after one ref
+        (None, "box", (9, 9, 10, 10)),  # text in between: not the dog's
+        ("猫", "box", (11, 12, 13, 14)),
+        ("Hello", "quad", (1, 2, 3, 2, 3, 4, 1, 4)),
+        ("bad", "box", (1200, 0, 1500, 999)),  # malformed ones skipped; out-of-grid kept (caller clamps)
+    ]
+    assert parse_grounding("plain text") == []
+    # a <ref> without a box does not swallow the next one
+    assert parse_grounding("<ref>a</ref> text <ref>b</ref><box>(1,2),(3,4)</box>") == [("b", "box", (1, 2, 3, 4))]
+
+
+def test_denormalize_quad_official_rule():
+    q = denormalize_quad((0, 999, 999, 0, 500, 500, 999, 999), 640, 480)
+    assert q == pytest.approx((0, 480, 640, 0, 500 / 999 * 640, 500 / 999 * 480, 640, 480))
+    # inverse of the normalisation up to half a grid cell
+    w, h = 333, 777
+    qn = normalize_quad([(10, 20), (300, 25), (310, 700), (12, 690)], w, h)
+    back = denormalize_quad(qn, w, h)
+    for v, orig, size in zip(back, (10, 20, 300, 25, 310, 700, 12, 690), (w, h) * 4):
+        assert abs(v - orig) <= 0.5 * size / 999 + 1e-9
+    with pytest.raises(InvalidBox):
+        denormalize_quad((1, 2, 3), 10, 10)

@@ -385,3 +385,143 @@ def test_resolve_inputs_patterns(tmp_path):
         resolve_inputs([str(tmp_path / "missing-{0..1}.tar")])
     with pytest.raises(FileNotFoundError, match="neither manifest.json nor"):
         resolve_inputs([str(tmp_path / "empty")]) if (tmp_path / "empty").mkdir() is None else None
+
+
+# ---------------------------------------------------------------- malformed input and atomic output
+
+
+def _raw_tar(path, members):
+    """A tar written by hand (not ShardWriter, which refuses bad samples): [(member name, bytes)]."""
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def _meta_bytes(caption, **extra):
+    meta = {"task": "caption", "images": ["img0.png"], "caption": caption, "lang": "en", "source": "t", **extra}
+    return json.dumps(meta).encode()
+
+
+def _malformed_inputs(root):
+    """One good shard set plus a shard of malformed samples and a truncated shard; returns the input dir."""
+    src = root / "in"
+    src.mkdir()
+    _write_input_shards(src)
+    (src / "manifest.json").unlink()  # read every *.tar of the directory, the hand-made ones too
+    png = noise_png(50)
+    _raw_tar(src / "bad-000000.tar", [
+        ("badjson.json", b'{"task": "caption", "caption": '), ("badjson.img0.png", png),
+        ("nojson.img0.png", noise_png(51)),
+        ("../evil.json", _meta_bytes("A grey cat sleeps on a wooden chair.")), ("../evil.img0.png", noise_png(52)),
+        ("surrogate.json", _meta_bytes("A lone \\ud800 surrogate").replace(b"\\\\ud800", b"\\ud800")),
+        ("surrogate.img0.png", noise_png(53)),
+        ("fine.json", _meta_bytes("A yellow kite flies over the beach.")), ("fine.img0.png", noise_png(54)),
+    ])
+    full = root / "cut.tar"
+    _raw_tar(full, [("cut1.json", _meta_bytes("Two horses stand in a snowy meadow.")), ("cut1.img0.png", noise_png(55)),
+                    ("cut2.json", _meta_bytes("An old red tractor parked in a barn.")), ("cut2.img0.png", noise_png(56))])
+    data = full.read_bytes()
+    (src / "cut-000000.tar").write_bytes(data[:int(len(data) * 0.7)])  # inside cut2's image
+    return src
+
+
+def test_clean_skips_and_counts_malformed_samples(tmp_path, capsys):
+    from data.clean import main
+    from data.shards import read_manifest
+
+    src, out = _malformed_inputs(tmp_path), tmp_path / "out"
+    assert b"\\ud800" in (src / "bad-000000.tar").read_bytes()  # the escape itself is in the JSON
+    main([str(src), "--out", str(out), "--set", "min_text_len=8"])  # used to raise on the first bad sample
+    rep = json.loads((out / "cleaning_report.json").read_text())
+    # the cut lands inside cut2's image: that member is unreadable, and the archive itself is truncated
+    assert rep["skipped"] == {"bad_json": 1, "missing_json": 1, "bad_member_name": 1, "invalid_unicode": 1,
+                              "unreadable_member": 1, "truncated_tar": 1}, rep["skipped"]
+    assert rep["skipped_total"] == 6
+    assert any("cut-000000.tar" in e for e in rep["skip_examples"]["truncated_tar"])
+    assert any("badjson.json" in e for e in rep["skip_examples"]["bad_json"])
+    # the readable samples all went through the rules: 8 good-set rows + fine + cut1 (cut2 lost its image)
+    assert rep["input"] == 10 == rep["kept"] + rep["removed_total"]
+    man = read_manifest(out)
+    kept = set()
+    for s in man["shards"]:
+        for key, _, _ in iter_shard_keys(out / s["name"]):
+            kept.add(key)
+    assert kept == {"good-en", "good-zh", "html", "fine", "cut1"} and man["totals"]["n_samples"] == rep["kept"]
+    assert "skipped (unreadable) 6" in capsys.readouterr().out
+
+
+def iter_shard_keys(path):
+    from data.shards import iter_shard
+
+    return iter_shard(str(path))
+
+
+def test_writer_refusal_is_counted_not_fatal(tmp_path):
+    from data.clean import clean_shards
+
+    src = tmp_path / "in"
+    src.mkdir()
+    vqa = json.dumps({"task": "vqa", "images": ["img0.png"], "question": "What?", "lang": "en", "source": "t"})
+    _raw_tar(src / "x-000000.tar", [
+        ("vqa.json", vqa.encode()), ("vqa.img0.png", noise_png(60)),  # passthrough task, no 'answers'
+        ("dir/nested.json", _meta_bytes("A blue boat on a calm lake.")), ("dir/nested.img0.png", noise_png(61)),
+        ("ok.json", _meta_bytes("A small bird sits on a branch.")), ("ok.img0.png", noise_png(62)),
+    ])
+    rep = clean_shards([str(src)], str(tmp_path / "out"))
+    assert rep["removed"]["invalid_sample"] == 2 and rep["kept"] == 1 == rep["input"] - rep["removed_total"]
+    assert set(rep["examples"]["invalid_sample"]) == {"vqa", "dir/nested"}
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_failed_run_leaves_no_output(tmp_path, monkeypatch, previous):
+    from data.clean import clean_shards
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _write_input_shards(src, max_samples=2)
+    if previous:  # an earlier complete output must survive a failed rerun byte for byte
+        clean_shards([str(src)], str(out), max_samples=1)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = {"n": 0}
+    real = Cleaner._check_sample
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("injected rule failure")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Cleaner, "_check_sample", flaky)
+    with pytest.raises(RuntimeError, match="injected rule failure"):
+        clean_shards([str(src)], str(out), max_samples=1, batch_size=1)  # shards were already finished
+    assert calls["n"] == 5
+    if previous:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["in", "out"] if previous else ["in"])  # no temp dir
+
+
+def test_rerun_replaces_output_and_refuses_foreign_dirs(tmp_path):
+    from data.clean import clean_shards
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    _write_input_shards(src)
+    clean_shards([str(src)], str(out), max_samples=1)
+    assert len(list(out.glob("*.tar"))) == 3
+    clean_shards([str(src)], str(out), max_samples=10)  # a rerun replaces the whole previous output
+    assert sorted(p.name for p in out.iterdir()) == ["clean-000000.tar", "cleaning_report.json", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no temporary leftovers
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        clean_shards([str(src)], str(out))
+    with pytest.raises(ValueError, match="holds input shard"):
+        clean_shards([str(src)], str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert clean_shards([str(src)], str(empty))["kept"] == 3 and (empty / "manifest.json").exists()

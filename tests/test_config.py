@@ -31,9 +31,10 @@ def test_every_recipe_composes_and_validates(monkeypatch):
     assert FULL | DEMO | FINETUNE <= set(list_recipes())
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # finetune_qlora is CUDA-only
     for r in list_recipes():
-        extra = ["data.root=/data"] if r in FULL | FINETUNE else []
-        extra += ["init.official=/ckpt/qwen-vl-chat"] if r in FINETUNE else []
-        ws = 8 if r in FULL | FINETUNE else 1
+        finetune = r in FINETUNE or r.startswith("finetune_")
+        extra = ["data.root=/data"] if r in FULL or finetune else []
+        extra += ["init.official=/ckpt/qwen-vl-chat"] if finetune else []
+        ws = 8 if r in FULL or finetune else 1
         cfg = load_config([f"recipe={r}", *extra], world_size=ws)
         assert cfg.run_name == r
 
@@ -66,8 +67,10 @@ def test_lora_settings_validated(monkeypatch):
     with pytest.raises(ConfigError, match=r"engine\.device=cuda but CUDA"):
         load_config(["recipe=finetune_qlora", "data.root=/d", "init.official=/c"], world_size=8)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    with pytest.raises(ConfigError, match=r"lora\.qlora=true cannot run under engine\.zero_stage=3"):
-        load_config(["recipe=finetune_qlora", "data.root=/d", "init.official=/c", "engine=zero3"], world_size=8)
+    load_config(["recipe=finetune_qlora", "data.root=/d", "init.official=/c", "engine=zero3"], world_size=8)
+    with pytest.raises(ConfigError, match=r"lora\.train_modules containing llm"):
+        load_config(["recipe=finetune_qlora", "data.root=/d", "init.official=/c", "lora.train_modules=[llm]"],
+                    world_size=8)
     with pytest.raises(ConfigError, match=r"lora\.qlora=true needs lora\.enabled"):
         load_config(["recipe=demo_lora", "lora.enabled=false", "lora.qlora=true"])
 
@@ -106,6 +109,7 @@ def test_model_group_files_match_named_presets():
         cfg = compose_config("demo_stage1", [f"model={name}"])
         d = OmegaConf.to_container(cfg.model)
         d.pop("name")
+        assert d.pop("family") == "qwen_vl"
         want = get_config(name).to_dict()
         want["vision"]["image_size"] = 224  # the demo_stage1 recipe sets 224
         assert d == want
@@ -138,7 +142,7 @@ def test_bad_recipe_file_names_the_key(tmp_path):
         load_config([f"recipe={wrong}"])
     ok = tmp_path / "mine.yaml"
     ok.write_text(base)
-    assert load_config([f"recipe={ok}"]).train.steps == 40
+    assert load_config([f"recipe={ok}"]).train.steps == load_config(["recipe=demo_stage1"]).train.steps
 
 
 def test_semantic_validation_names_keys():
@@ -215,12 +219,12 @@ def test_deepspeed_config_generated_from_hydra():
     assert "scheduler" not in ds and "optimizer" not in ds
     assert ds["train_batch_size"] == 4096 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 16 and ds["gradient_clipping"] == 1.0
-    assert ds["bf16"] == {"enabled": True} and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True} and ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     c1 = load_config(["recipe=stage1_pretrain", "data.root=/d", "engine=zero1"], world_size=8)
     ds1 = deepspeed_config(c1, 8, "fp32")
-    assert ds1["zero_optimization"]["stage"] == 1 and ds1["bf16"] == {"enabled": False}
+    assert ds1["zero_optimization"]["stage"] == 1 and ds1["bf16"]["enabled"] is False
     assert "offload_optimizer" not in ds1["zero_optimization"]
     with pytest.raises(ConfigError, match=r"engine\.offload_param needs engine\.zero_stage=3"):
         load_config(["recipe=stage1_pretrain", "data.root=/d", "engine.offload_param=true"], world_size=8)
@@ -235,3 +239,22 @@ def test_cli_prints_config_and_reports_errors():
     bad = subprocess.run([env_py, "-m", "train", "recipe=demo_stage2", "optim.betaz=[0.9,0.9]"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "optim.betaz" in bad.stderr
+
+
+def test_deepspeed_buckets_sized_from_the_model():
+    """DeepSpeed allocates its buckets at the configured size: capped at the model's parameter count (a micro
+    model must not get the 2 GB fp32 reduce bucket of the 500M-element default), left alone at full size."""
+    from train.engine import model_numel
+
+    small = ["recipe=demo_stage2", "data=synthetic", "model=micro_small_vocab", "init.from_stage_dir=null",
+             "model.vision.image_size=56", "data.seq_len=300"]
+    for stage in (2, 3):
+        cfg = load_config([*small, f"engine=zero{stage}"], world_size=2)
+        n = model_numel(cfg)
+        assert 100_000 < n < 5_000_000
+        z = deepspeed_config(cfg, 2, "fp32")["zero_optimization"]
+        assert z["reduce_bucket_size"] == n
+        assert z.get("allgather_bucket_size", n) == n and z.get("stage3_prefetch_bucket_size", n) == n
+    full = load_config(["recipe=stage2_multitask", "data.root=/d"], world_size=8)
+    z = deepspeed_config(full, 8, "bf16")["zero_optimization"]
+    assert z["reduce_bucket_size"] == full.engine.reduce_bucket_size  # 9.6B params: the configured size

@@ -85,7 +85,8 @@ def test_a_rank_without_image_meets_a_rank_with_one():
 @pytest.mark.parametrize("engine,recipe,launcher,extra", [
     ("zero2", "demo_stage2", "torchrun", []),
     ("zero3", "demo_stage2", "deepspeed", []),
-    ("zero3", "demo_stage3", "torchrun", []),  # frozen ViT (no autograd graph) + a rank without image
+    # frozen ViT (no autograd graph) + a rank without image; the frozen-ViT-and-adapter case below covers it too
+    pytest.param("zero3", "demo_stage3", "torchrun", [], marks=pytest.mark.extended),
     # ViT and adapter both frozen (as under LoRA): nothing on the image side trains, yet the sharded tower
     # must still run on the rank without an image or the other rank waits in its all-gather forever
     ("zero3", "demo_stage3", "torchrun", ["train.freeze=[visual,adapter]"]),
@@ -100,6 +101,8 @@ def test_two_process_zero_matches_single_process(engine, recipe, launcher, extra
         log = _run(["bash", "launch/deepspeed.sh", "none", *args], NUM_GPUS="2", MASTER_PORT=str(_free_port()))
         assert "--local_rank=1" in log  # really started by the deepspeed launcher
     assert f"world size 2, engine deepspeed ZeRO-{engine[-1]}" in log
+    # the model's outputs are a dict, so ZeRO-3's backward hooks see their tensors (no DeepSpeed warning)
+    assert "unknown inputs or outputs type" not in log
     ref_curve, ref_export = reference
     got = _curve(out)
     assert len(got) == len(ref_curve) == 4

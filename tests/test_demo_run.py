@@ -1,6 +1,8 @@
 """CI smoke test of `make demo` (`python -m train.demo`) with a few steps per stage: builds the demo corpus,
 runs stage 1 -> 2 -> 3 on the real shard pipeline with the tiny model, chains each stage from the previous
-export, and the held-out and training losses fall. W&B runs offline; its run files hold the metrics."""
+export, and the held-out and training losses fall. W&B runs offline; its run files hold the metrics. The demo
+ends with the official evaluators on a tiny held-out subset (--eval-n 2): the before/after/baseline table is
+printed and the example PNGs are written."""
 
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
+EVAL_N = 2  # held-out samples per task in the closing evaluation (an untrained model decodes to the token cap)
 DEMO_CACHE = ROOT / ".cache" / "test-demo-s0.1"  # shared with test_resume.py (build_demo is idempotent)
 
 
@@ -23,11 +27,11 @@ def demo(tmp_path_factory) -> tuple[Path, dict, str]:
     out = tmp_path_factory.mktemp("demo")
     # a small corpus (scale) keeps the build short; the demo shards are the pipeline's real input format
     cmd = [sys.executable, "-m", "train.demo", "--out", str(out / "runs"), "--data-dir", str(DEMO_CACHE),
-           "--steps", str(STEPS), "--eval-batches", "1", "--no-progress", "--wandb", "offline",
+           "--steps", str(STEPS), "--eval-batches", "1", "--eval-n", str(EVAL_N), "--no-progress", "--wandb", "offline",
            "data.demo.scale=0.1", "optim.lr=2e-3", "train.save_every=0"]
     env = dict(os.environ, OMP_NUM_THREADS="2", WANDB_SILENT="true")
     env.pop("WANDB_API_KEY", None)
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)  # generous: shared CI cores
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     summary = json.loads((out / "runs" / "demo_summary.json").read_text())
     return out / "runs", summary, p.stdout
@@ -86,3 +90,30 @@ def test_demo_wandb_offline_runs_and_metrics(demo):
             assert key in train_rows[-1], key
         assert any(k.startswith("loss/") for k in train_rows[-1])  # per-task training loss
         assert any(k.startswith("eval/") for r in jsonl for k in r)  # held-out losses logged too
+
+
+@pytest.mark.slow
+def test_demo_closing_evaluation_table_and_examples(demo):
+    runs, summary, stdout = demo
+    ev = summary["eval"]
+    assert list(ev["points"]) == ["before stage 2", "after stage 2", "after stage 3"]
+    assert ev["n_per_task"] == {t: EVAL_N for t in ("ref_grounding", "vqa", "caption", "ocr")}
+    for scores in [ev["baseline"], *ev["points"].values()]:
+        assert 0.0 <= scores["ref_grounding"]["acc@0.5"] <= 1.0 and 0.0 <= scores["vqa"]["vqa_score"] <= 1.0
+        assert scores["ref_grounding"]["n"] == EVAL_N
+    assert 0.0 < ev["baseline"]["ref_grounding"]["mean_iou"] < 1.0  # the constant mean box overlaps somewhat
+    # the printed table: a header with the baseline and one column per evaluated model, a row per metric
+    assert "held-out evaluation, official protocols" in stdout
+    header = next(ln for ln in stdout.splitlines() if ln.startswith("task") and "baseline" in ln)
+    assert header.split()[:3] == ["task", "metric", "baseline"] and "after stage 3" in header
+    for task, metric in (("ref_grounding", "Acc@0.5"), ("vqa", "VQA score"), ("ocr", "edit acc")):
+        row = next(ln for ln in stdout.splitlines() if ln.startswith(task) and metric in ln)
+        assert len(row.split()) >= len(metric.split()) + 1 + 4, row  # task, metric, baseline + 3 models
+    # example predictions drawn for the final model: grounding and OCR, EVAL_N each
+    pngs = [Path(p) for p in ev["examples"]]
+    assert sorted(p.name for p in pngs) == sorted([f"ref_grounding_{i:03d}.png" for i in range(EVAL_N)]
+                                                  + [f"ocr_{i:03d}.png" for i in range(EVAL_N)])
+    assert all(p.is_file() and p.parent == (runs / "examples").resolve() for p in pngs)
+    with Image.open(pngs[0]) as im:
+        assert im.format == "PNG" and min(im.size) >= 32
+    assert str(pngs[0]) in stdout

@@ -25,7 +25,9 @@ SMALL = ["data=synthetic", "model=micro_small_vocab", "model.vision.image_size=5
 
 @pytest.mark.parametrize("override,named,hint", [
     ("+optim.lrr=1", "optim.lrr", "optim.lr"),
-    ("optim.lrr=1", "optim.lrr", None),  # without '+': Hydra refuses it, naming the key
+    ("optim.lrr=1", "optim.lrr", "optim.lr"),  # without '+': Hydra refuses it, naming the key
+    ("train.step=3", "train.step", "train.steps"),
+    ("data.options.pakc=true", "data.options.pakc", "data.options.pack"),
     ("+train.stepz=5", "train.stepz", "train.steps"),
     ("+data.sources.0.wieght=2", "data.sources.0.wieght", "data.sources.0.weight"),
     ("+loging.every=2", "loging", "logging"),
@@ -91,7 +93,7 @@ def test_wrong_weights_or_resume_path_fails_before_the_model_is_built(tmp_path, 
 
 
 def test_heldout_split_without_samples_is_an_error(tmp_path, monkeypatch):
-    from train.loop import train
+    from train.loop import EmptyHeldout, train
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -103,7 +105,7 @@ def test_heldout_split_without_samples_is_an_error(tmp_path, monkeypatch):
                        "data.seq_len=300", "train.steps=1", f"output_dir={tmp_path / 'run'}",
                        "train.export_final=false", "init.from_stage_dir=null"])
     cfg.data.heldout = {"empty": str(shards)}
-    with pytest.raises(RuntimeError, match=r"held-out split 'empty' \(data\.heldout\.empty\) gave no target token"):
+    with pytest.raises(EmptyHeldout, match=r"held-out split 'empty' \(data\.heldout\.empty\) gave no target token"):
         train(cfg)
 
 

@@ -22,7 +22,9 @@ from data.images import (
     OPENAI_DATASET_STD,
     ImageError,
     load_image,
+    normalize,
     to_tensor,
+    to_uint8,
 )
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # camera is greyscale
@@ -59,6 +61,22 @@ def test_constants_are_open_clips():
     from open_clip.constants import OPENAI_DATASET_MEAN as M
     from open_clip.constants import OPENAI_DATASET_STD as S
     assert tuple(M) == OPENAI_DATASET_MEAN and tuple(S) == OPENAI_DATASET_STD
+
+
+def test_model_normalises_uint8_like_the_official_transform():
+    """The pipeline ships uint8 (a quarter of the bytes); the model normalises on the device with its own copy
+    of the constants: same numbers, bit-identical result to to_tensor."""
+    from train.model.qwen_vl import PIXEL_MEAN, PIXEL_STD, normalize_pixels
+
+    assert (PIXEL_MEAN, PIXEL_STD) == (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    img = photo("chelsea")
+    u8 = to_uint8(img, 64)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 64, 64)
+    ref = to_tensor(img, 64)
+    assert torch.equal(normalize(u8), ref)
+    assert torch.equal(normalize_pixels(u8[None])[0], ref)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(ref)
 
 
 @pytest.mark.parametrize("name", PHOTOS)

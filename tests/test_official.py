@@ -617,3 +617,177 @@ def test_build_on_cuda_bf16(ckpt_dir, weights):
     m = build_from_official(ckpt_dir, device="cuda", dtype=torch.bfloat16)
     for k, t in m.state_dict().items():
         assert t.is_cuda and t.dtype == torch.bfloat16 and torch.equal(t.cpu(), weights[1][k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# pytorch_model*.bin checkpoints (transformers' default when Qwen-VL was published)
+# ---------------------------------------------------------------------------------------------
+def write_bin_sharded(off: dict, d: Path, n_shards: int, config: dict | None = None) -> Path:
+    """The test's own writer for the old transformers layout: torch.save'd shards + pytorch_model.bin.index.json."""
+    d.mkdir(parents=True, exist_ok=True)
+    keys = list(off)
+    per = math.ceil(len(keys) / n_shards)
+    wm = {}
+    for i in range(n_shards):
+        name = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        part = {k: off[k].clone() for k in keys[i * per:(i + 1) * per]}
+        torch.save(part, d / name)
+        wm.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in off.values())
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                "weight_map": wm}))
+    if config is not None:
+        (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.fixture(scope="module")
+def bin_dir(tmp_path_factory, weights) -> Path:
+    return write_bin_sharded(weights[0], tmp_path_factory.mktemp("bin") / "qwen-vl-bin", 3, TINY_OFFICIAL_CONFIG)
+
+
+def test_bin_shards_import_bitwise(bin_dir, weights):
+    _, ours = weights
+    m = build_from_official(bin_dir, dtype=torch.bfloat16)
+    sd = m.state_dict()
+    assert set(sd) == set(ours)
+    for k, t in ours.items():
+        assert sd[k].dtype == torch.bfloat16 and torch.equal(sd[k], t), k
+    # the index file itself, and the LLM-only loader, take the same layout
+    rep = load_qwen_llm(QwenVL(tiny_cfg()), bin_dir / "pytorch_model.bin.index.json")
+    assert len(rep.loaded) == sum(k.startswith("llm.") for k in ours)
+
+
+def test_bin_load_is_weights_only_mmap_and_one_shard_at_a_time(bin_dir, monkeypatch):
+    import gc
+    import weakref
+
+    real = torch.load
+    calls, alive = [], []  # alive: weak references to the tensors of the previously loaded shard
+
+    def tracked(path, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        gc.collect()
+        assert not [r for r in alive if r() is not None], "a previous shard's tensors are still referenced"
+        calls.append((Path(path).name, kw.get("weights_only"), kw.get("mmap")))
+        obj = real(path, *a, **kw)
+        alive[:] = [weakref.ref(t) for t in obj.values()]
+        return obj
+
+    monkeypatch.setattr(torch, "load", tracked)
+    monkeypatch.setattr(official, "safe_open", lambda *a, **k: pytest.fail("safe_open used for .bin shards"))
+    load_official(QwenVL(tiny_cfg()), bin_dir)
+    names = [f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)]
+    assert calls == [(n, True, True) for n in names * 2]  # key/shape scan, then the copy pass
+
+
+def test_bin_single_file_and_safetensors_preferred(weights, tmp_path):
+    off, ours = weights
+    torch.save({k: v.clone() for k, v in off.items()}, tmp_path / "pytorch_model.bin")
+    m = QwenVL(tiny_cfg())
+    rep = load_official(m, tmp_path)
+    assert rep.files == [str(tmp_path / "pytorch_model.bin")] and len(rep.loaded) == len(ours)
+    assert torch.equal(m.llm.lm_head.weight, ours["llm.lm_head.weight"].float())
+    # both formats present: safetensors wins (as in transformers); the .bin here is deliberately different
+    both = tmp_path / "both"
+    write_sharded(off, both, 2)
+    torch.save({"transformer.wte.weight": torch.zeros(3)}, both / "pytorch_model.bin")
+    assert load_official(QwenVL(tiny_cfg()), both).files[0].endswith(".safetensors")
+
+
+def test_bin_mismatch_and_bad_file_are_named(weights, tmp_path):
+    off, _ = weights
+    bad = {k: v for k, v in off.items() if k != "transformer.ln_f.weight"}
+    d = write_bin_sharded(bad, tmp_path / "bad", 2)
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(1;[\s\S]*llm\.ln_f\.weight \[128\]"):
+        load_official(QwenVL(tiny_cfg()), d)
+    (d / "pytorch_model-00002-of-00002.bin").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"pytorch_model-00002-of-00002\.bin: cannot load as a weights-only"):
+        load_official(QwenVL(tiny_cfg()), d)
+
+
+# ---------------------------------------------------------------------------------------------
+# export: the source checkpoint's run-time config and its tokenizer / code files
+# ---------------------------------------------------------------------------------------------
+SOURCE_FILES = {
+    "qwen.tiktoken": b"aGVsbG8= 0\n",
+    "tokenization_qwen.py": b"# official tokenizer code\n",
+    "modeling_qwen.py": b"# official model code\n",
+    "visual.py": b"# official ViT code\n",
+    "configuration_qwen.py": b"# official config code\n",
+    "qwen_generation_utils.py": b"# official generation helpers\n",
+    "tokenizer_config.json": b'{"auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", null]}}',
+    "generation_config.json": b'{"chat_format": "chatml", "max_window_size": 6144}',
+    "SimSun.ttf": b"\x00\x01font",
+}
+NOT_COPIED = {"README.md": b"# the source model card", "pytorch_model.bin.index.json": b"{}"}
+
+
+def source_checkpoint(d: Path, off: dict, **config: object) -> Path:
+    write_sharded(off, d, 2, {**TINY_OFFICIAL_CONFIG, **config})
+    for name, data in {**SOURCE_FILES, **NOT_COPIED}.items():
+        (d / name).write_bytes(data)
+    return d
+
+
+def test_export_keeps_source_runtime_fields_and_copies_code(weights, tmp_path):
+    off, ours = weights
+    runtime = {"bf16": True, "fp16": False, "fp32": False, "use_flash_attn": False, "use_dynamic_ntk": False,
+               "use_logn_attn": False, "seq_length": 2048, "transformers_version": "4.31.0",
+               "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
+                            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+               "onnx_safe": None, "custom_field": [1, 2]}
+    src = source_checkpoint(tmp_path / "src", off, **runtime)
+    m = build_from_official(src)
+    # source given as a file inside it (init.official may name the index); trained at 8192
+    out = export_official(m, tmp_path / "final", source_dir=src / "model.safetensors.index.json", seq_length=8192)
+    cj = json.loads((out / "config.json").read_text())
+    for k, v in runtime.items():
+        assert cj[k] == (8192 if k == "seq_length" else v), k
+    for k in ("hidden_size", "num_hidden_layers", "visual", "vocab_size", "intermediate_size"):
+        assert cj[k] == TINY_OFFICIAL_CONFIG[k], k
+    assert cj["torch_dtype"] == "float32"  # the tensors written, not the source's bfloat16
+    for name, data in SOURCE_FILES.items():
+        assert (out / name).read_bytes() == data, name
+    assert not any((out / n).exists() for n in NOT_COPIED)
+    assert config_from_official(out) == m.cfg
+    back = build_from_official(out)
+    assert all(torch.equal(back.state_dict()[k], t.float()) for k, t in ours.items())
+    # trained on rows shorter than the source's: the source's native length stays (NTK only beyond it)
+    again = export_official(m, tmp_path / "short", source_dir=src, seq_length=512)
+    assert json.loads((again / "config.json").read_text())["seq_length"] == 2048
+
+
+def test_export_keeps_source_values_it_does_not_set(weights, tmp_path):
+    """Qwen-VL-Chat's published run-time values come through unchanged (dynamic NTK and logn on there)."""
+    off, _ = weights
+    src = source_checkpoint(tmp_path / "chat", off, bf16=False, fp16=False, fp32=False, use_flash_attn="auto",
+                            transformers_version="4.32.0")
+    out = export_official(build_from_official(src), tmp_path / "e", source_dir=src)
+    cj = json.loads((out / "config.json").read_text())
+    assert (cj["use_dynamic_ntk"], cj["use_logn_attn"], cj["seq_length"]) == (True, True, 2048)
+    assert cj["transformers_version"] == "4.32.0" and cj["use_flash_attn"] == "auto"
+
+
+def test_export_without_source_describes_this_model(imported, tmp_path):
+    """No source: the official code must compute what ours does -- plain RoPE (no dynamic NTK, no logn
+    scaling) -- and seq_length is the trained length."""
+    out = export_official(imported, tmp_path / "e", seq_length=8192)
+    cj = json.loads((out / "config.json").read_text())
+    assert cj["seq_length"] == 8192
+    assert cj["use_dynamic_ntk"] is False and cj["use_logn_attn"] is False
+    assert (cj["bf16"], cj["fp16"], cj["fp32"], cj["use_flash_attn"]) == (False, False, False, "auto")
+    assert cj["transformers_version"] == "4.32.0"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00001-of-00001.safetensors",
+                                                     "model.safetensors.index.json"]
+    assert json.loads((export_official(imported, tmp_path / "d") / "config.json").read_text())["seq_length"] == 2048
+
+
+def test_export_source_errors_are_named(imported, weights, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        export_official(imported, tmp_path / "e", source_dir=tmp_path / "no_such_dir")
+    src = source_checkpoint(tmp_path / "llama", weights[0])
+    cfg_path = src / "config.json"
+    cfg_path.write_text(json.dumps({**TINY_OFFICIAL_CONFIG, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"model_type 'llama'.*llama/config\.json"):
+        export_official(imported, tmp_path / "e", source_dir=src)
+    assert not (tmp_path / "e").exists()

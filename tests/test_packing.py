@@ -18,6 +18,7 @@ from data.packing import (
     Packer,
     PackingError,
     best_fill,
+    check_sample,
     collate_rows,
     packing_efficiency,
     pad_collate,
@@ -155,6 +156,65 @@ def test_errors_name_the_sample():
         pad_collate([bad2])
     with pytest.raises(PackingError, match=r"> seq_len 20"):
         collate_rows([[_sample(1, 15), _sample(2, 15)]], 20)
+
+
+def test_image_spans_and_targets_are_validated_on_the_host():
+    """What the model no longer checks in its forward (host syncs) is checked once per sample here."""
+    def span_sample(uid: int) -> Sample:
+        return _sample(uid, 12, n_img=1)
+
+    ok = span_sample(20)
+    Packer(1024).add(ok)
+    trunc = span_sample(21)
+    trunc.input_ids, trunc.labels = trunc.input_ids[:100], trunc.labels[:100]
+    with pytest.raises(PackingError, match=r"k21.*1 <img> tokens but 0 </img>"):
+        Packer(1024).add(trunc)
+    trunc.input_ids[-1] = IMG_END_ID  # </img> count right, but too early: the span is cut short
+    with pytest.raises(PackingError, match=r"k21.*span at position 0.*</img>.*at position 257"):
+        Packer(1024).add(trunc)
+    cut = span_sample(22)
+    cut.input_ids, cut.labels = cut.input_ids[:200] + [IMG_END_ID], cut.labels[:201]
+    cut.input_ids[0:1] = [5]
+    cut.input_ids[-2] = IMG_START_ID  # <img> at 199, </img> at 200: the span runs past the sample's end
+    with pytest.raises(PackingError, match=r"k22.*truncated"):
+        check_sample(cut)
+    stray = _sample(23, 12)
+    stray.input_ids[3] = IMG_END_ID
+    with pytest.raises(PackingError, match=r"k23.*</img>.*position 3 without <img>"):
+        pad_collate([stray])
+    trained = span_sample(24)
+    trained.labels[5] = trained.input_ids[5]
+    with pytest.raises(PackingError, match=r"k24.*trained labels"):
+        Packer(1024).add(trained)
+    neg = _sample(25, 12)
+    neg.labels[-1] = -7
+    with pytest.raises(PackingError, match=r"k25.*labels must be -100 or token ids"):
+        Packer(1024).add(neg)
+    big = _sample(26, 12)
+    with pytest.raises(PackingError, match=r"k26.*\[0, 1000\)"):
+        Packer(1024, check={"vocab_size": 1000}).add(big)
+    Packer(1024, check={"vocab_size": 151936}).add(big)
+
+
+def test_batches_carry_uint8_pixels():
+    def img(v: int) -> torch.Tensor:
+        return torch.full((3, 8, 8), v, dtype=torch.uint8)
+
+    a, b = _sample(30, 10, n_img=1), _sample(31, 10, n_img=2)
+    a.images, b.images = [img(1)], [img(2), img(3)]
+    batch = collate_rows([[a, b]], 1024)
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1, 2, 3]
+    assert pad_collate([_sample(32, 5)], image_size=8)["pixel_values"].dtype == torch.uint8
+    b.images[1] = b.images[1].float()
+    with pytest.raises(PackingError, match="share a shape and dtype"):
+        collate_rows([[a, b]], 1024)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_batches():
+    batch = collate_rows([[_sample(40, 10, n_img=1)]], 512, pin_memory=True)
+    assert all(v.is_pinned() for v in batch.values())
 
 
 # ------------------------------------------------------------------ loss parity with the tiny model

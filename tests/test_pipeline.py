@@ -208,3 +208,82 @@ def test_resume_refuses_a_different_pipeline(corpus):
     with build_stage_stream(2, corpus["txt"], **{**kwargs, "seq_len": 2048}) as other:
         with pytest.raises(ValueError, match="seq_len"):
             other.load_state_dict(state)
+
+
+def test_batches_hold_uint8_pixels(corpus):
+    with build_stage_stream(1, corpus["cap"], image_size=S, seq_len=1024, batch_size=2, train=False) as st:
+        b = next(st)
+    assert b["pixel_values"].dtype == torch.uint8 and b["pixel_values"].shape[1:] == (3, S, S)
+    assert b["pixel_values"].shape[0] == int((b["input_ids"] == 151857).sum()) > 0
+
+
+def test_background_batches_are_the_same_batches_with_exact_state(corpus):
+    """prefetch_batches: batches made ahead on a thread are the inline stream's, and state_dict() is that of the
+    batches handed out (not of the producer ahead of them): resuming from it continues exactly."""
+    sources = [{"name": "cap", "shards": corpus["cap"], "weight": 2.0},
+               {"name": "txt", "shards": corpus["txt"], "weight": 1.0}]
+    kw = dict(image_size=S, seq_len=1024, batch_size=2, seed=5, buffer_size=4, pack_buffer=6)
+    with build_stage_stream(2, sources, **kw) as st:
+        ref = _take(st, 6)
+    with build_stage_stream(2, sources, **kw) as st:
+        _take(st, 3)
+        ref_state3 = st.state_dict()
+    with build_stage_stream(2, sources, prefetch_batches=3, **kw) as bg:
+        got = _take(bg, 3)
+        state = bg.state_dict()  # the producer is already ahead (depth 3)
+        got += _take(bg, 3)
+        assert bg.stats()["batches"] == 6
+    assert state == ref_state3
+    for g, e in zip(got, ref):
+        assert all(torch.equal(g[k], e[k]) for k in e)
+    with build_stage_stream(2, sources, prefetch_batches=2, **kw) as bg:
+        bg.load_state_dict(state)
+        rest = _take(bg, 1)
+        # any other attribute acts on the wrapped stream rewound to the caller's position (producer stopped)
+        assert bg.counters["batches"] == 4 and bg.state_dict() == bg.stream.state_dict()
+        rest += _take(bg, 2)
+    for g, e in zip(rest, ref[3:]):
+        assert all(torch.equal(g[k], e[k]) for k in e)
+
+
+class _Counting:
+    """A stand-in stream: batches 0, 1, 2, ... (raising at `fail_at`), state = the next index."""
+
+    def __init__(self, n: int, fail_at: int = -1):
+        self.i, self.n, self.fail_at, self.closed = 0, n, fail_at, False
+
+    def __next__(self) -> dict:
+        if self.i == self.fail_at:
+            raise OSError(f"shard read failed at {self.i}")
+        if self.i >= self.n:
+            raise StopIteration
+        self.i += 1
+        return {"x": torch.tensor(self.i - 1)}
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.i = st["i"]
+
+    def stats(self) -> dict:
+        return {"batches": self.i}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_background_batches_end_errors_and_close():
+    from data.prefetch import BackgroundBatches
+
+    bg = BackgroundBatches(_Counting(5), depth=2)
+    assert [int(b["x"]) for b in bg] == [0, 1, 2, 3, 4] and bg.state_dict() == {"i": 5}
+    bad = BackgroundBatches(_Counting(10, fail_at=3), depth=2)
+    assert int(next(bad)["x"]) == 0
+    with pytest.raises(OSError, match="failed at 3"):
+        list(bad)
+    inner = _Counting(1000)
+    full = BackgroundBatches(inner, depth=2)
+    next(full)  # the producer then fills its queue and waits
+    full.close()  # must not hang on the full queue
+    assert inner.closed and full.state_dict() == {"i": 1}

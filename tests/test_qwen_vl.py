@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.model.config import get_config
 from train.model.qwen_vl import QwenVL, shift_targets
@@ -78,7 +79,17 @@ def test_images_written_into_slots_in_row_major_order(model):
     torch.testing.assert_close(out3[[0, 2]], out[[0, 2]], atol=0, rtol=0)
 
 
-def test_image_count_and_span_validation(model):
+@pytest.fixture(scope="module")
+def debug_model():
+    """The test model with ``debug_checks``: image spans validated in the forward (host syncs)."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    cfg.debug_checks = True
+    return QwenVL(cfg).eval()
+
+
+def test_image_count_and_span_validation(debug_model):
+    model = debug_model
     ids, px = _batch()
     with pytest.raises(ValueError, match="3 <img> tokens .* 2 images"):
         model(ids, pixel_values=px[:2])
@@ -95,6 +106,48 @@ def test_image_count_and_span_validation(model):
     trunc[0, 0] = IDS["img_end"]
     with pytest.raises(ValueError, match="truncated"):
         model(trunc, pixel_values=px[:1])
+
+
+class _OpLog(TorchDispatchMode):
+    """Records every aten op run under it (to see host syncs: ``_local_scalar_dense`` is what ``int()``,
+    ``bool()`` and ``.item()`` run; ``nonzero`` syncs on CUDA to size its output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+_SYNC_OPS = ("_local_scalar_dense", "nonzero", "item", "masked_select", "unique")
+
+
+def test_embed_inputs_has_no_host_sync_unless_debug(model, debug_model):
+    ids, px = _batch()
+    with torch.no_grad(), _OpLog() as log:
+        fast = model.embed_inputs(ids, px)
+    with torch.no_grad(), _OpLog() as dlog:
+        slow = debug_model.embed_inputs(ids, px)
+    syncs = [op for op in log.ops if op.split(".")[0] in _SYNC_OPS]
+    assert syncs == [], syncs
+    assert any(op.split(".")[0] in _SYNC_OPS for op in dlog.ops)  # the probe sees the debug checks' syncs
+    torch.testing.assert_close(fast, slow, atol=0, rtol=0)
+    assert not torch.equal(fast, model.llm.embed(ids))  # the features did go into the slots
+
+
+def test_uint8_pixels_are_normalised_on_the_device_like_the_data_pipeline(model):
+    from data.images import normalize
+
+    ids, _ = _batch()
+    u8 = torch.randint(0, 256, (3, 3, 56, 56), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    with torch.no_grad():
+        a = model(ids, pixel_values=u8).logits
+        b = model(ids, pixel_values=normalize(u8)).logits  # float: taken as already normalised
+        c = model(ids, pixel_values=u8.float()).logits  # NOT normalised: different
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (a - c).abs().max() > 1e-3
 
 
 def test_loss_matches_naive_shifted_cross_entropy(model):

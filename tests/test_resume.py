@@ -139,7 +139,8 @@ def test_resume_on_demo_shards_continues_the_same_batches(tmp_path):
     from train.loop import train
 
     base = ["recipe=demo_stage2", f"data.demo.dir={DEMO_CACHE}", "data.demo.scale=0.1", "model.vision.image_size=224",
-            "data.seq_len=640", "train.steps=4", "train.save_every=2", "logging=quiet", "logging.every=1",
+            "data.seq_len=640", "train.steps=4", "train.save_every=2", "train.keep_last=2", "logging=quiet",
+            "logging.every=1",
             "eval.at_start=false", "eval.at_end=false", "train.export_final=false", "init.from_stage_dir=null",
             "optim.warmup_steps=1"]
     first = train(load_config([*base, f"output_dir={tmp_path / 'a'}"]))

@@ -17,7 +17,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from data.demo import build_demo
-from data.images import load_image, to_tensor
+from data.images import load_image, to_uint8
 from data.loader import RawSample, ResumableLoader, build_stream
 from data.samples import IGNORE, SKIP_REASONS, SampleBuilder, SkipSample
 from data.shards import ShardWriter
@@ -254,7 +254,7 @@ def test_zh_prompts_english_variant(raws, tok):
 def test_image_tensor_is_the_preprocessed_member(raws):
     raw = raws["caption-en"]
     s = SampleBuilder(2, None, 64, 2048)(raw)
-    assert torch.equal(s.images[0], to_tensor(load_image(raw.files["img0.jpg"], name="x"), 64))
+    assert torch.equal(s.images[0], to_uint8(load_image(raw.files["img0.jpg"], name="x"), 64))
 
 
 def test_data_text_cannot_forge_special_tokens(raws, tok, tmp_path):
@@ -325,7 +325,7 @@ def test_sft_trained_positions_naive(raws, tok, key, conv, official):
 def test_sft_images_in_span_order(raws):
     raw = raws["chat-img"]
     s = SampleBuilder(3, None, 32, 2048)(raw)
-    want = [to_tensor(load_image(raw.files[m], name=m), 32) for m in ("img1.png", "img0.jpg")]
+    want = [to_uint8(load_image(raw.files[m], name=m), 32) for m in ("img1.png", "img0.jpg")]
     assert len(s.images) == 2 and all(torch.equal(a, b) for a, b in zip(s.images, want))
 
 
@@ -355,6 +355,81 @@ def test_stage3_handles_stage2_tasks_and_stage2_refuses_chat(raws):
     with pytest.raises(SkipSample) as ei:
         b2(raws["chat-img"])
     assert ei.value.reason == "task_not_in_stage"
+
+
+def official_preprocess(conv: list[dict], tok: QwenTokenizer, system: str) -> tuple[list[int], list[int]]:
+    """The official finetune.py `preprocess()` for one conversation, re-derived for the test: a first message
+    not from the user is dropped; role, '\\n' and value tokenised separately; `<img>P</img>` in a value is a
+    258-token span holding P's bytes (official tokenizer). Its labels are ids or -100 (no padding here)."""
+    def text(value: str) -> list[int]:
+        out, rest = [], value
+        while "<img>" in rest:
+            before, _, after = rest.partition("<img>")
+            path, _, rest = after.partition("</img>")
+            out += tok.encode(before) + [tok.img_start_id, *path.encode()]
+            out += [tok.img_pad_id] * (256 - len(path.encode())) + [tok.img_end_id]
+        return out + tok.encode(rest)
+
+    if conv[0]["from"] != "user":
+        conv = conv[1:]
+    nl = tok.encode("\n")
+    sys_ids = [tok.im_start_id] + tok.encode("system") + nl + tok.encode(system) + [tok.im_end_id] + nl
+    ids, labels = list(sys_ids), [tok.im_start_id] + [IGNORE] * (len(sys_ids) - 3) + [tok.im_end_id] + nl
+    for turn in conv:
+        role = [tok.im_start_id] + tok.encode(turn["from"])
+        turn_ids = role + nl + text(turn["value"]) + [tok.im_end_id] + nl
+        if turn["from"] == "user":
+            lab = [tok.im_start_id] + [IGNORE] * (len(turn_ids) - 3) + [tok.im_end_id] + nl
+        else:
+            lab = [tok.im_start_id] + [IGNORE] * len(role) + turn_ids[len(role) + 1:]
+        ids += turn_ids
+        labels += lab
+    return ids, labels
+
+
+CONV_ASST_FIRST = [
+    {"from": "assistant", "value": "Hello! Send me a picture."},
+    {"from": "assistant", "value": "I can describe it."},
+    {"from": "user", "value": "Picture 1: <img>img0.jpg</img>\nWhat is this?"},
+    {"from": "assistant", "value": "An astronaut.\n<ref>the helmet</ref><box>(100,200),(300,400)</box>"},
+]
+
+
+def test_official_loss_drops_first_non_user_message(tok, tmp_path):
+    conv = CONV_ASST_FIRST
+    got = write_and_read(tmp_path, [
+        ("a", {"task": "chat", "lang": "en", "source": "t", "conversations": conv}, [("img0.jpg", jpeg("coffee"))]),
+        ("b", {"task": "chat", "lang": "en", "source": "t", "conversations": conv[1:]},
+         [("img0.jpg", jpeg("coffee"))]),
+        ("c", {"task": "chat", "lang": "en", "source": "t", "conversations": conv[:1]}, []),
+    ])
+    system = "You are a helpful assistant."
+    off = SampleBuilder(3, None, 28, 2048, official_loss=True)
+    s = off(got["a"])
+    check_labels(s)
+    want_ids, want_labels = official_preprocess(conv, tok, system)
+    assert s.input_ids == want_ids and s.labels == want_labels  # the official ids and labels, exactly
+    assert "Hello!" not in full_text(s.input_ids, tok)
+    assert "I can describe it." in full_text([s.input_ids[i] for i in trained(s)], tok)  # only the first one
+    assert len(s.images) == 1
+    # dropping is all it does: the ids of the conversation without its first message (default labels keep it)
+    assert SampleBuilder(3, None, 28, 2048)(got["b"]).input_ids == s.input_ids
+    # a conversation of that single message has nothing left to train on
+    with pytest.raises(SkipSample) as ei:
+        off(got["c"])
+    assert ei.value.reason == "empty_text"
+    # default (SPEC) labels keep and train the opening assistant message
+    d = SampleBuilder(3, None, 28, 2048)(got["a"])
+    assert "Hello! Send me a picture." in full_text([d.input_ids[i] for i in trained(d)], tok)
+    assert SampleBuilder(3, None, 28, 2048)(got["c"]).n_tokens > 0
+
+
+def test_official_loss_matches_official_preprocess_on_user_first(raws, tok):
+    """Text-only and image conversations that start with the user: ids and labels equal the official ones."""
+    for key, conv in (("chat-text", CONV_TEXT), ("chat-img", CONV_IMAGES)):
+        s = SampleBuilder(3, None, 28, 2048, official_loss=True)(raws[key])
+        want_ids, want_labels = official_preprocess(conv, tok, "You are a helpful assistant.")
+        assert s.input_ids == want_ids and s.labels == want_labels, key
 
 
 def test_official_paths_resolve_by_member_name(raws, tok):
@@ -490,6 +565,8 @@ def skip_cases(raws: dict[str, RawSample]) -> list[tuple[str, SampleBuilder, Raw
         ("too_long", SampleBuilder(2, None, 28, 200), cap),
         ("too_long", SampleBuilder(3, None, 28, 12, truncate="shorten"), raws["chat-text"]),
         ("image_span_cut", SampleBuilder(2, None, 28, 200, truncate="shorten"), cap),
+        ("bad_member_name", b2, dataclasses.replace(cap, key="../escape")),
+        ("invalid_unicode", b2, m(cap, caption="a lone \ud800 surrogate")),
     ]
 
 

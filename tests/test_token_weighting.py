@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from launching import clean_env, run_group
+from safetensors.torch import load_file
 
 from train.build import build_model
 from train.config import load_config
@@ -26,7 +28,7 @@ COMMON = ["recipe=demo_stage2", "data=synthetic", "model=micro_small_vocab", "mo
           "data.seq_len=300", "train.steps=1", "train.save_every=0", "logging=quiet", "init.from_stage_dir=null",
           "eval.at_start=false", "eval.at_end=false", "train.export_final=true", "optim.lr=1e6", "optim.eps=1e6",
           "optim.min_lr=0", "optim.weight_decay=0", "optim.grad_clip=0", "optim.warmup_steps=0",
-          "optim.schedule=constant", "optim.llrd=1.0", f"train.global_batch_size={GLOBAL}"]
+          "optim.schedule=constant", "optim.llrd=1.0", f"train.global_batch_size={GLOBAL}", "eval.max_batches=1"]
 
 
 def _free_port() -> int:
@@ -81,27 +83,54 @@ def reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return _grads(model, _batches(GLOBAL, 1, 1), per_token=True), before
 
 
-SPLITS = [("single", 4, 1, 1), ("single", 1, 4, 1), ("zero2", 2, 1, 2), ("zero2", 1, 2, 2),
-          ("zero3", 2, 1, 2), ("zero3", 1, 2, 2)]
+def _step_single(micro: int) -> dict[str, torch.Tensor]:
+    """One optimizer step of the loop's own `train_step` on the single engine, in this process."""
+    from train import distributed
+    from train.build import build_train_data
+    from train.engine import build_engine
+    from train.loop import next_window, train_step
+
+    cfg = load_config([*COMMON, "engine=single", f"train.micro_batch_size={micro}"])
+    info = distributed.init("single", "cpu")
+    engine = build_engine(cfg, build_model(cfg, info), info)
+    train_step(engine, next_window(iter(build_train_data(cfg, info)), engine.grad_accum), info)
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("engine,micro,accum,world", SPLITS, ids=[f"{e}-m{m}a{a}w{w}" for e, m, a, w in SPLITS])
-def test_step_gradient_is_the_per_token_gradient(tmp_path, reference, engine, micro, accum, world):
+def _check(after: dict[str, torch.Tensor], reference, micro: int, accum: int, world: int) -> None:
     want, before = reference
     if accum * micro < GLOBAL:  # several micro-batches: the test must be able to see a mean of means
         biased = _grads(_model(), _batches(micro, accum, world), per_token=False)
         assert _rel(biased, want) > 1e-2
-    args = [*COMMON, f"engine={engine}", f"train.micro_batch_size={micro}", f"output_dir={tmp_path}"]
-    if world == 1:
-        cmd = [sys.executable, "-m", "train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-               "--master_port", str(_free_port()), "-m", "train", *args]
-    p = run_group(cmd, clean_env(), 300)
+    got = {n: before[n] - after[n] for n in want}
+    assert _rel(got, want) < 1e-4, (micro, accum, world, _rel(got, want))
+
+
+@pytest.mark.parametrize("micro,accum", [(4, 1), (1, 4)])
+def test_single_engine_step_gradient_is_the_per_token_gradient(reference, micro, accum):
+    _check(_step_single(micro), reference, micro, accum, 1)
+
+
+@pytest.mark.slow
+def test_two_process_zero2_zero3_step_gradient_is_the_per_token_gradient(tmp_path, reference):
+    """(micro, accum, world) = (2,1,2) and (1,2,2) under ZeRO-2 and ZeRO-3, in one 2-process group."""
+    splits = ["zero2:2", "zero2:1", "zero3:2", "zero3:1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), str(Path(__file__).with_name("token_weight_worker.py")), str(tmp_path), *splits,
+           "--", *COMMON, "train.export_final=false"]
+    p = run_group(cmd, clean_env(), 420)
+    assert p.returncode == 0, p.stdout[-6000:]
+    for split in splits:
+        engine, micro = split.split(":")
+        state = load_file(str(tmp_path / f"{engine}-m{micro}.safetensors"))
+        _check(state, reference, int(micro), GLOBAL // (2 * int(micro)), 2)
+
+
+def test_the_cli_step_exports_the_same_update(tmp_path, reference):
+    """The entry point end to end (python -m train, one step, official-layout export) gives that update too."""
+    p = run_group([sys.executable, "-m", "train", *COMMON, "train.micro_batch_size=1", f"output_dir={tmp_path}"],
+                  clean_env(), 300)
     assert p.returncode == 0, p.stdout[-6000:]
     after = _model()
     load_official(after, tmp_path / "final")
-    got = {n: before[n] - p_.detach() for n, p_ in after.named_parameters() if n in want}
-    assert got.keys() == want.keys()
-    assert _rel(got, want) < 1e-4, (engine, micro, accum, world, _rel(got, want))
+    _check({n: q.detach() for n, q in after.named_parameters()}, reference, 1, 4, 1)

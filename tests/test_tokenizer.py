@@ -66,10 +66,58 @@ def test_image_span(tok: QwenTokenizer) -> None:
     assert span[0] == 151857 and span[-1] == 151858
     assert span[1:13] == list(b"demo/cat.jpg") and set(span[13:-1]) == {151859}
     assert len(tok.image_span()) == 258 and len(tok.image_span("x" * 400)) == 258
-    # decode skips the whole span (slot bytes included) when skipping special tokens
+    # decode reads the path back out of the slots (official): tags kept unless skipping special tokens
     ids = tok.encode("Picture 1: ") + span + tok.encode("\nWhat is this?")
-    assert tok.decode(ids) == "Picture 1: \nWhat is this?"
-    assert "<img>" in tok.decode(ids, skip_special=False)
+    assert tok.decode(ids) == "Picture 1: demo/cat.jpg\nWhat is this?"
+    assert tok.decode(ids, skip_special=False) == "Picture 1: <img>demo/cat.jpg</img>\nWhat is this?"
+
+
+IMG, IMG_END, PAD = 151857, 151858, 151859
+
+
+def hand_span(path_bytes: bytes) -> list[int]:
+    """An image span written out by hand: <img>, the path's bytes as ids 0..255, <imgpad> to 256, </img>."""
+    return [IMG, *path_bytes, *[PAD] * (256 - len(path_bytes)), IMG_END]
+
+
+def test_decode_image_spans_give_back_paths(tok: QwenTokenizer) -> None:
+    path = "/data/coco/val2014/猫 1.jpg"
+    ids = tok.encode("Picture 1: ") + hand_span(path.encode()) + tok.encode("\n<ref>the cat</ref>")
+    assert tok.decode(ids, skip_special=False) == f"Picture 1: <img>{path}</img>\n<ref>the cat</ref>"
+    assert tok.decode(ids) == f"Picture 1: {path}\nthe cat"  # official skip_special_tokens=True
+    assert tok.decode(ids, keep_image_special=True) == f"Picture 1: {path}\n<ref>the cat</ref>"
+    two = hand_span(b"a.png") + tok.encode(" and ") + hand_span(b"b.png")
+    assert tok.decode(two, skip_special=False) == "<img>a.png</img> and <img>b.png</img>"
+    assert tok.decode(hand_span(b""), skip_special=False) == "<img></img>"
+    full = "x" * 255 + "y"  # 256 bytes: no <imgpad> at all
+    assert tok.decode(hand_span(full.encode()), skip_special=False) == f"<img>{full}</img>"
+    assert tok.decode(IMG, skip_special=False) == "<img>"  # a single id, as the official decode takes
+
+
+def test_decode_image_tags_that_are_not_spans(tok: QwenTokenizer) -> None:
+    # `<img>x</img>` encoded as text (not 256 slots) round-trips as text, not as a path
+    text = "see <img>cat.jpg</img> here"
+    assert tok.decode(tok.encode(text), skip_special=False) == text
+    # a reply cut inside a span (streaming) decodes instead of raising (the official code raises)
+    cut = hand_span(b"ab.jpg")[:40]
+    assert tok.decode(cut, skip_special=False).startswith("<img>")
+    assert "ab.jpg" not in tok.decode(cut, skip_special=False)
+
+
+def test_decode_errors_modes(tok: QwenTokenizer) -> None:
+    lead = tok._enc.encode_single_token(b"\xe7")  # first byte of a 3-byte UTF-8 character, alone
+    ids = tok.encode("a") + [lead] + tok.encode("b")
+    assert tok.decode(ids) == "a\ufffdb"  # default "replace", as official
+    assert tok.decode(ids, errors="replace") == "a\ufffdb"
+    assert tok.decode(ids, errors="ignore") == "ab"
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode(ids, errors="strict")
+    # path bytes cut inside a character (a path longer than 256 bytes) follow the same rule
+    span = hand_span("é".encode()[:1])
+    assert tok.decode(span, skip_special=False) == "<img>\ufffd</img>"
+    assert tok.decode(span, skip_special=False, errors="ignore") == "<img></img>"
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode(span, errors="strict")
 
 
 def test_decode_skips_specials(tok: QwenTokenizer) -> None:

@@ -160,7 +160,7 @@ def test_lora_run_exports_merged_weights_and_adapters(tmp_path):
     base = build_model(load_config(["recipe=demo_stage3", *SMALL]))  # same seed: the untrained base
     assert all(not torch.equal(got[k], base.state_dict()[k]) for k in moved)  # the deltas were merged in
     adapters = load_file(str(tmp_path / "final_lora" / "adapter_model.safetensors"))
-    assert any(".lora_A." in k for k in adapters) and any(k.startswith("adapter.") for k in adapters)
-    assert not any(k.startswith(("visual.", "llm.wte")) for k in adapters)
+    assert any(".lora_A." in k for k in adapters) and any(k.startswith("base_model.model.adapter.") for k in adapters)
+    assert not any(k.startswith(("base_model.model.visual.", "base_model.model.llm.wte")) for k in adapters)
     meta = json.loads((tmp_path / "final_lora" / "adapter_config.json").read_text())
     assert (meta["r"], meta["lora_alpha"]) == (4, 16)

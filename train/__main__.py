@@ -38,12 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from train.loop import train
+    from train.loop import EmptyHeldout, NonFiniteRun, train
 
     try:
         summary = train(cfg)
     except ConfigError as err:  # an input path checked at start-up (before the model is built)
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteRun as err:
+        print(f"[train] error: {err}", file=sys.stderr)
+        return 3
+    except EmptyHeldout as err:
+        print(f"[train] error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("[train] aborted by a second Ctrl-C: no checkpoint written for the current step", file=sys.stderr)

@@ -52,6 +52,44 @@ def _zero_init_context(cfg: DictConfig, info: DistInfo) -> Any:
     return _Init(config_dict_or_path=ds_config, tensor_overrides=[])
 
 
+def _apply_lora(cfg: DictConfig, model: torch.nn.Module, info: DistInfo | None) -> None:
+    """Q-LoRA's 4-bit base (lora.qlora), then the adapters. Under zero.Init the base is already partitioned:
+    each linear is gathered alone to be quantised (train/qlora.py keeps the 4-bit weights out of ZeRO), and
+    the parameters created here (adapters, 4-bit layers' biases) are partitioned at once, cast to the run's
+    dtype as zero.Init would, so a rank holds only its slices of them too."""
+    from train.engine import resolve_precision
+    from train.lora import apply_lora
+    from train.qlora import quantize_llm_4bit
+
+    lo = cfg.lora
+    device = info.device if info is not None else torch.device("cpu")
+    dtype = torch.bfloat16 if resolve_precision(cfg, device) == "bf16" else torch.float32
+    if lo.qlora:
+        n = quantize_llm_4bit(model, compute_dtype=dtype, device=device, quant_type=lo.quant_type,
+                              double_quant=lo.double_quant)
+        from train.qlora import base_4bit_tensors
+
+        nbytes = sum(t.numel() * t.element_size() for t in base_4bit_tensors(model).values())
+        log.info("lora.qlora: %d LLM linears quantised to %s (double quant %s): %.1f MiB of packed 4-bit weights, "
+                 "replicated on every rank", n, lo.quant_type, lo.double_quant, nbytes / 2**20)
+    # the adapters' random init must not depend on how the base's init drew from the RNG (zero.Init or not)
+    torch.manual_seed(cfg.train.seed + 1)
+    apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, targets=list(lo.targets),
+               train_modules=list(lo.train_modules), modules_to_save=list(lo.modules_to_save),
+               rslora=lo.rslora, dora=lo.dora)
+    if uses_zero_init(cfg):
+        from deepspeed.runtime.zero.partition_parameters import is_zero_param
+
+        params = list(model.parameters())
+        new = [p for p in params if not is_zero_param(p)]
+        anchor = next((p for p in params if is_zero_param(p)), None)
+        if new and anchor is not None:
+            for p in new:
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            anchor.convert_to_zero_parameters(param_list=new)
+
+
 def build_model(cfg: DictConfig, info: DistInfo | None = None) -> torch.nn.Module:
     """QwenVL from the config, initial weights per `init`, stage freezing (or LoRA adapters) applied.
     Under ZeRO-3 (`uses_zero_init`; `info` required) the parameters are partitioned as they are created and
@@ -59,8 +97,9 @@ def build_model(cfg: DictConfig, info: DistInfo | None = None) -> torch.nn.Modul
     import contextlib
 
     from train.model import official
-    from train.model.qwen_vl import QwenVL
+    from train.model.families import get_family
 
+    family = get_family(str(cfg.model.family))
     ctx: Any = contextlib.nullcontext()
     if uses_zero_init(cfg):
         if info is None:
@@ -69,9 +108,10 @@ def build_model(cfg: DictConfig, info: DistInfo | None = None) -> torch.nn.Modul
         ctx = _zero_init_context(cfg, info)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank
     with ctx:
-        model = QwenVL(model_cfg(cfg))
+        model = family.build_model(model_cfg(cfg))
     init = cfg.init
-    for key, fn in (("official", official.load_official), ("from_stage_dir", official.load_official),
+    load = family.checkpoint.fn("load")  # the family's checkpoint layout (validate() refuses the others)
+    for key, fn in (("official", load), ("from_stage_dir", load),
                     ("openclip", official.load_openclip_vision), ("qwen_llm", official.load_qwen_llm)):
         path = init.get(key)
         if path:
@@ -81,13 +121,7 @@ def build_model(cfg: DictConfig, info: DistInfo | None = None) -> torch.nn.Modul
             log.info("init.%s: loaded %d tensors from %s", key, len(report.loaded), path)
     lo = cfg.lora
     if lo.enabled:
-        from train.lora import apply_lora, quantize_llm_4bit
-
-        if lo.qlora:  # 4-bit base first (the layers move to CUDA), then the adapters on top
-            n = quantize_llm_4bit(model)
-            log.info("lora.qlora: %d LLM linears quantised to NF4", n)
-        apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, targets=list(lo.targets),
-                   train_modules=list(lo.train_modules))
+        _apply_lora(cfg, model, info)
     else:
         apply_freeze(model, list(cfg.train.freeze))
     return model
@@ -150,10 +184,16 @@ def _stage_stream(cfg: DictConfig, sources: Any, *, rank: int, world: int, batch
 
     d = cfg.data
     options = OmegaConf.to_container(d.options, resolve=True)
+    # the family's image geometry: Qwen-VL's square image_size, Qwen2-VL's resize limits (model.preprocess)
+    m = cfg.model
+    geometry: dict[str, Any] = {"image_size": m.vision.image_size} if "image_size" in m.vision else {
+        "image_size": None, "min_pixels": m.preprocess.min_pixels, "max_pixels_resize": m.preprocess.max_pixels,
+        "patch_size": m.preprocess.patch_size, "merge_size": m.preprocess.merge_size}
     # train=False: one pass, no shuffling, inline processing (held-out evaluation)
-    return build_stage_stream(cfg.train.stage, sources, image_size=cfg.model.vision.image_size, seq_len=d.seq_len,
+    return build_stage_stream(cfg.train.stage, sources, family=str(m.family), **geometry, seq_len=d.seq_len,
                               batch_size=batch_size, seed=seed, rank=rank, world_size=world, train=train,
                               buffer_size=d.buffer_size, num_workers=d.num_workers if train else 0,
+                              prefetch_batches=d.prefetch_batches if train else 0,
                               strict=d.strict, **options)
 
 
@@ -161,13 +201,11 @@ def build_train_data(cfg: DictConfig, info: DistInfo) -> Any:
     """Iterable of collated batches (DESIGN.md) with state_dict/load_state_dict/stats for this rank."""
     d, m = cfg.data, cfg.model
     if d.kind == "synthetic":
-        from train.synthetic import SyntheticBatches
+        from train.synthetic import for_model
 
-        return SyntheticBatches(seed=d.seed, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch_size,
-                                grad_accum=resolve_grad_accum(cfg, info.world_size), rank=info.rank,
-                                world_size=info.world_size, image_size=m.vision.image_size,
-                                n_queries=m.adapter.n_queries, img_start=m.ids.img_start, img_end=m.ids.img_end,
-                                img_pad=m.ids.img_pad, eod=m.ids.eod)
+        return for_model(m, seed=d.seed, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch_size,
+                         grad_accum=resolve_grad_accum(cfg, info.world_size), rank=info.rank,
+                         world_size=info.world_size)
     sources = [OmegaConf.to_container(s, resolve=True) for s in d.sources]
     return _stage_stream(cfg, sources, rank=info.rank, world=info.world_size,
                          batch_size=cfg.train.micro_batch_size, train=True, seed=d.seed)
@@ -179,14 +217,11 @@ def build_heldout(cfg: DictConfig) -> dict[str, Callable[[], Iterable[dict[str, 
     d = cfg.data
     bs = cfg.eval.batch_size or cfg.train.micro_batch_size
     if d.kind == "synthetic":
-        from train.synthetic import SyntheticBatches
-
-        m = cfg.model
+        from train.synthetic import for_model
 
         def synth() -> Iterable[dict[str, Any]]:
-            return SyntheticBatches(seed=d.seed + 7919, seq_len=d.seq_len, micro_batch=bs, grad_accum=1, rank=0,
-                                    world_size=1, image_size=m.vision.image_size, n_queries=m.adapter.n_queries,
-                                    img_start=m.ids.img_start, img_end=m.ids.img_end, img_pad=m.ids.img_pad, eod=m.ids.eod)
+            return for_model(cfg.model, seed=d.seed + 7919, seq_len=d.seq_len, micro_batch=bs, grad_accum=1,
+                             rank=0, world_size=1)
 
         return {"synthetic": synth}
     out = {}

@@ -6,9 +6,18 @@ Layout under <output_dir>/checkpoints/:
                                                                           save_checkpoint: model, ZeRO
                                                                           optimizer partitions, scheduler)
     rank00000.pt ...         per rank: RNG states (python, numpy, torch, cuda) + data-stream state
-    trainer_state.json       step, world size, counters, wandb run id
+    trainer_state.json       step, world size, engine kind and ZeRO stage, counters, wandb run id
   latest                     text file naming the newest complete step dir (written atomically)
 Keeps the newest `keep_last`. Files we read back use torch.load(weights_only=True) or safetensors.
+
+Resume with the same world size, engine and ZeRO stage restores everything exactly (bitwise). Under another
+world size or engine (1 -> 8 GPUs, a lost node, ZeRO-2 -> ZeRO-3, DeepSpeed -> single), the same files are
+read through `train.portable` instead: weights, fp32 master weights, Adam moments and step, and the LR
+schedule per parameter name, exactly; the data stream of all old ranks is re-split over the new ones (each
+source's epoch position kept, no sample of the epoch repeated or skipped). Not carried over exactly, and said
+in one line at resume: the samples read ahead but not yet trained on (shuffle buffers, prefetch, packer) are
+re-read and re-shuffled, so the ORDER of the rest of the epoch differs; the shuffle and source-mixing RNGs
+are reseeded; rank r continues old rank r's torch/numpy/python RNG (ranks beyond the old world take rank 0's).
 """
 
 from __future__ import annotations
@@ -115,7 +124,8 @@ class CheckpointManager:
         if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.info.is_main:
-            meta = {"step": step, "world_size": self.info.world_size, "engine": engine.kind, **state}
+            meta = {"step": step, "world_size": self.info.world_size, "engine": engine.kind,
+                    "zero_stage": int(getattr(engine, "zero_stage", 0)), **state}
             (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
             if final.exists():
                 shutil.rmtree(final)
@@ -134,16 +144,67 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------------------- load
     def load(self, ckpt: Path, engine: Any, data: Any) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler, data stream and RNG; returns trainer_state.json."""
+        """Restore model, optimizer, scheduler, data stream and RNG; returns trainer_state.json (plus
+        "resplit", a description of what changed, when the world size or engine differ)."""
         meta = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-        if meta["world_size"] != self.info.world_size:
-            raise ValueError(f"{ckpt}: saved with world_size {meta['world_size']}, resuming with "
-                             f"{self.info.world_size}; the per-rank data-stream state needs the same world size")
-        if meta["engine"] != engine.kind:
-            raise ValueError(f"{ckpt}: saved by engine {meta['engine']!r}, resuming with {engine.kind!r}")
+        stage = int(getattr(engine, "zero_stage", 0))
+        if (meta["world_size"], meta["engine"], meta.get("zero_stage", stage)) != \
+                (self.info.world_size, engine.kind, stage):
+            return self._load_other_world(ckpt, meta, engine, data)
         engine.load(ckpt)
         per_rank = torch.load(ckpt / f"rank{self.info.rank:05d}.pt", weights_only=True)
         if data is not None and per_rank["data"] is not None:
             data.load_state_dict(per_rank["data"])
         set_rng_state(per_rank["rng"])
         return meta
+
+    def _load_other_world(self, ckpt: Path, meta: dict[str, Any], engine: Any, data: Any) -> dict[str, Any]:
+        from train.portable import PortableError, load_portable, read_portable, resplit_data
+
+        old_world, step = int(meta["world_size"]), int(meta["step"])
+        files = [ckpt / f"rank{r:05d}.pt" for r in range(old_world)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{ckpt}: saved with world_size {old_world} but {missing} are missing; the "
+                                    "data stream of every old rank is needed to re-split it over the new ranks")
+        try:
+            load_portable(engine, read_portable(ckpt, meta))
+        except PortableError as e:
+            raise PortableError(f"cannot resume {ckpt} (saved with world size {old_world}, {_engine_name(meta)}) "
+                                f"under world size {self.info.world_size}, {_engine_name(_now(engine))}: {e}") from e
+        per_rank = [torch.load(f, weights_only=True) for f in files]
+        moved = resplit_data(data, [s["data"] for s in per_rank], step)
+        rank = self.info.rank
+        set_rng_state(per_rank[rank if rank < old_world else 0]["rng"])
+        meta = dict(meta, resplit=_describe(meta, _now(engine), old_world, self.info.world_size, moved))
+        if self.info.is_main:
+            print(f"[train] {meta['resplit']}", flush=True)
+        return meta
+
+
+def _now(engine: Any) -> dict[str, Any]:
+    return {"engine": engine.kind, "zero_stage": int(getattr(engine, "zero_stage", 0))}
+
+
+def _engine_name(m: dict[str, Any]) -> str:
+    if m["engine"] != "deepspeed":
+        return f"engine {m['engine']}"
+    return f"DeepSpeed ZeRO-{m['zero_stage']}" if "zero_stage" in m else "DeepSpeed"
+
+
+def _describe(meta: dict[str, Any], now: dict[str, Any], old: int, new: int, moved: dict[str, Any] | None) -> str:
+    """The one line a resume under another world prints: what changed, what is exact, what is not."""
+    line = (f"checkpoint saved with world size {old} ({_engine_name(meta)}), resumed with {new} ({_engine_name(now)}): "
+            "weights, fp32 master weights, Adam state and LR schedule carried over exactly")
+    rng = "rank r continues old rank r's torch/numpy/python RNG"
+    if new > old:
+        rng += f" (ranks {old} and up take rank 0's)"
+    if moved is None:
+        return f"{line}; not exact: {rng}"
+    if moved.get("exact"):
+        return f"{line}; data continues at the same global sample index; not exact: {rng}"
+    n = int(moved["packer"]) + int(moved["prefetch"]) + int(moved["shuffle_buffer"])
+    return (line + f"; data stream of {old} rank(s) re-split over {new} (epoch positions kept, no sample repeated or "
+            f"skipped); not exact: {n} samples read ahead but not yet trained on (shuffle buffers "
+            f"{moved['shuffle_buffer']}, prefetch {moved['prefetch']}, packer {moved['packer']}) are re-read, so the "
+            f"order of the rest of the epoch differs; shuffle and source-mixing RNGs are reseeded; {rng}")

@@ -26,6 +26,13 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from train.model.config import AdapterConfig, LLMConfig, SpecialIds, VisionConfig
+from train.model.families import DEFAULT_FAMILY, family_for_model_dict
+from train.model.qwen2_vl.config import (
+    Qwen2LLMConfig,
+    Qwen2PreprocessConfig,
+    Qwen2SpecialIds,
+    Qwen2VisionConfig,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
@@ -49,12 +56,31 @@ class ModelConf:
     """Model geometry. `name` is informational (the preset the group file copied); the sections are the
     model's own dataclasses, so every geometry key is type-checked here too."""
 
+    family: str = "qwen_vl"  # model family: qwen_vl | qwen2_vl (train/model/families.py)
     name: str = "qwen_vl_9b6"  # preset the model group file copied (informational)
     vision: VisionConfig = field(default_factory=VisionConfig)  # OpenCLIP ViT vision tower
     adapter: AdapterConfig = field(default_factory=AdapterConfig)  # cross-attention adapter (resampler)
     llm: LLMConfig = field(default_factory=LLMConfig)  # Qwen decoder
     ids: SpecialIds = field(default_factory=SpecialIds)  # special token ids (the tokenizer's for shards)
     loss_chunk_tokens: int = 1024  # tokens per chunk of the chunked cross-entropy (bounds the logits' memory)
+    loss_impl: str = "fused_fwd_grad"  # loss head: fused_fwd_grad | chunked | naive | liger (CUDA, liger-kernel)
+    debug_checks: bool = False  # validate image spans in every forward (host syncs; the data pipeline checks)
+
+
+@dataclass
+class Qwen2VLModelConf:
+    """Qwen2-VL geometry (`family: qwen2_vl` in the model group file): the run's schema then types `model` by
+    this class instead of ModelConf (see `compose_config`), so its keys are type-checked just the same."""
+
+    family: str = "qwen2_vl"  # model family: qwen_vl | qwen2_vl (train/model/families.py)
+    name: str = "qwen2_vl_7b"  # preset the model group file copied (informational)
+    vision: Qwen2VisionConfig = field(default_factory=Qwen2VisionConfig)  # ViT with 2D rotary and 2x2 merger
+    llm: Qwen2LLMConfig = field(default_factory=Qwen2LLMConfig)  # Qwen2 decoder with M-RoPE
+    ids: Qwen2SpecialIds = field(default_factory=Qwen2SpecialIds)  # special token ids (the Qwen2-VL tokenizer's)
+    preprocess: Qwen2PreprocessConfig = field(default_factory=Qwen2PreprocessConfig)  # image resizing limits
+    loss_chunk_tokens: int = 1024  # tokens per chunk of the chunked cross-entropy (bounds the logits' memory)
+    loss_impl: str = "fused_fwd_grad"  # loss head: fused_fwd_grad | chunked | naive | liger (CUDA, liger-kernel)
+    debug_checks: bool = False  # validate image runs against the grids in every forward (host syncs)
 
 
 @dataclass
@@ -103,6 +129,7 @@ class DataConf:
     seed: int = 0  # seed of the data order (shuffle, mixing)
     buffer_size: int = 0  # shuffle buffer in samples (0 = stream order)
     num_workers: int = 0  # decode/tokenise processes per rank (0 = inline)
+    prefetch_batches: int = 0  # batches made ahead on a background thread (tar reading, packing); 0 = inline
     strict: bool = False  # bad sample -> error instead of skip-and-count
     demo: DemoConf = field(default_factory=DemoConf)  # the embedded demo corpus
     options: PipelineConf = field(default_factory=PipelineConf)  # kwargs for data.pipeline.build_stage_stream
@@ -156,7 +183,7 @@ class LoggingConf:
     jsonl: bool = True  # write <output_dir>/metrics.jsonl
     every: int = 10  # steps between log records
     progress: bool = True  # tqdm bar on rank 0
-    peak_flops: float = 989e12  # per device, for MFU (H100 bf16 dense); CPU runs report a nominal MFU
+    peak_flops: float | None = None  # FLOP/s per device for MFU; null: the GPU model's table entry, or measured (CPU)
 
 
 @dataclass
@@ -170,17 +197,24 @@ class InitConf:
 
 @dataclass
 class LoraConf:
-    """LoRA / Q-LoRA on the LLM's block linears (train/lora.py; SPEC §5 defaults). When enabled, the trained
-    set is the LoRA adapters plus `train_modules` (train.freeze is then not used)."""
+    """LoRA / Q-LoRA (train/lora.py, train/qlora.py; SPEC §5 defaults), on every engine (ZeRO-3 included) and
+    on the CPU. When enabled, the trained set is the LoRA adapters plus `train_modules` and `modules_to_save`
+    (train.freeze is then not used)."""
 
     enabled: bool = False  # train LoRA adapters on the LLM instead of the full weights
     r: int = 64  # LoRA rank
     alpha: float = 16.0  # LoRA scale numerator (scale = alpha / r)
     dropout: float = 0.05  # dropout on the LoRA branch input
-    # LLM block linears that get adapters (module name suffixes)
+    # linears that get adapters: LLM block suffixes (attn.c_attn), or full-path regexes starting with
+    # visual / adapter / llm for the ViT or the adapter (visual.transformer.resblocks.[0-9]+.mlp.c_fc)
     targets: list[str] = field(default_factory=lambda: ["attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2"])
     train_modules: list[str] = field(default_factory=list)  # top-level modules trained fully, e.g. [adapter]
-    qlora: bool = False  # 4-bit NF4 base (bitsandbytes, CUDA only, not under ZeRO-3)
+    qlora: bool = False  # 4-bit base for the LLM's block linears (bitsandbytes; CPU or CUDA; any engine)
+    quant_type: str = "nf4"  # Q-LoRA 4-bit format: nf4 (QLoRA paper) | fp4
+    double_quant: bool = True  # Q-LoRA: quantise the per-block absmax scales too (~0.4 bit/weight saved)
+    rslora: bool = False  # rank-stabilised LoRA: scale = alpha / sqrt(r) instead of alpha / r (peft use_rslora)
+    dora: bool = False  # weight-decomposed LoRA (peft use_dora): a trained magnitude per output channel
+    modules_to_save: list[str] = field(default_factory=list)  # module paths trained fully, e.g. [llm.wte, llm.lm_head]
 
 
 @dataclass
@@ -206,6 +240,7 @@ class TrainConf:
     resume: str = "auto"  # auto (latest in output_dir if any) | never | path to a checkpoint dir
     export_final: bool = True  # final weights in the official HF layout under <output_dir>/final
     max_seconds: float = 0.0  # stop (and checkpoint) after this wall time; 0 = off
+    max_nonfinite_steps: int = 5  # stop (exit 3) after this many steps in a row with a NaN/inf loss or grad norm
 
 
 @dataclass
@@ -223,8 +258,22 @@ class TrainConfig:
     train: TrainConf = field(default_factory=TrainConf)  # steps, batch, freezing, checkpoints
 
 
-def register() -> None:
-    ConfigStore.instance().store(name="base_config", node=TrainConfig)
+def _run_schema(name: str, model_type: Any, default: Any) -> type:
+    """TrainConfig with its `model` node typed by `model_type` (made here, not declared: the fields are
+    TrainConfig's, documented there)."""
+    return dataclasses.make_dataclass(name, [("model", model_type, field(default_factory=default))],
+                                      bases=(TrainConfig,))
+
+
+# family -> the run schema recipes compose onto (`base_config`); keys are train/model/families.py's names
+SCHEMAS: dict[str, type] = {"qwen_vl": TrainConfig,
+                            "qwen2_vl": _run_schema("Qwen2VLTrainConfig", Qwen2VLModelConf, Qwen2VLModelConf)}
+# composes any model group file untyped, only to read its `family` (compose_config's first pass)
+_FAMILY_SNIFF = _run_schema("FamilySniffConfig", Any, lambda: {"family": DEFAULT_FAMILY})
+
+
+def register(schema: type = TrainConfig) -> None:
+    ConfigStore.instance().store(name="base_config", node=schema)
 
 
 register()
@@ -278,23 +327,86 @@ def compose_config(recipe: str, overrides: list[str] | None = None) -> DictConfi
         if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
             raise ConfigError(f"unknown recipe {recipe!r}; known: {', '.join(list_recipes())}")
         config_dir, name = RECIPES_DIR, recipe
-    GlobalHydra.instance().clear()
-    # conf/ holds the groups; the recipe's own directory is the primary config source
-    searchpath = f"hydra.searchpath=[file://{CONF_DIR}]"
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
-            cfg = compose(config_name=name, overrides=[searchpath, *overrides])
-    except (HydraException, OmegaConfBaseException) as err:
-        # Hydra's message says which override failed; the cause says which key and why
-        cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
-        # Hydra's "+key=value appends" hint does not apply: the schema is closed, appending fails too
-        msg = "\n".join(x for x in f"{err}{cause}".splitlines() if not x.startswith("To append to your config"))
-        raise ConfigError(f"recipe {recipe!r}: {msg}") from err
+        cfg, schema = _compose(recipe, config_dir, name, overrides, TrainConfig), TrainConfig
+    except ConfigError:
+        # a model group file of another family fails the Qwen-VL schema: compose with that family's
+        fam = _sniff_family(config_dir, name, overrides)
+        if fam == DEFAULT_FAMILY:
+            raise
+        schema = _schema_for(fam)
+        cfg = _compose(recipe, config_dir, name, overrides, schema)
+    else:
+        fam = str(cfg.model.family)
+        if fam != DEFAULT_FAMILY:  # e.g. model.family=qwen2_vl over a Qwen-VL group file
+            schema = _schema_for(fam)
+            cfg = _compose(recipe, config_dir, name, overrides, schema)
+    if str(cfg.model.family) != fam:
+        raise ConfigError(f"recipe {recipe!r}: model.family={cfg.model.family} but the model group file is "
+                          f"{fam}'s; pick the family with model=<group file> (conf/model)")
     OmegaConf.set_struct(cfg, True)
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError(f"recipe {recipe!r}: " + "; ".join(unknown))
     return cfg
+
+
+def _schema_for(family: str) -> type:
+    if family not in SCHEMAS:
+        raise ConfigError(f"model.family: unknown model family {family!r}; known: {', '.join(sorted(SCHEMAS))}")
+    return SCHEMAS[family]
+
+
+def _compose(recipe: str, config_dir: Path, name: str, overrides: list[str], schema: type) -> DictConfig:
+    """Hydra composition of the recipe onto `schema` as `base_config` (restored to TrainConfig after)."""
+    GlobalHydra.instance().clear()
+    register(schema)
+    # conf/ holds the groups; the recipe's own directory is the primary config source
+    searchpath = f"hydra.searchpath=[file://{CONF_DIR}]"
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="train"):
+            return compose(config_name=name, overrides=[searchpath, *overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's message says which override failed; the cause says which key and why
+        cause = f"\n{err.__cause__}" if err.__cause__ is not None else ""
+        # Hydra's "+key=value appends" hint does not apply: the schema is closed, appending fails too
+        msg = "\n".join(x for x in f"{err}{cause}".splitlines() if not x.startswith("To append to your config"))
+        raise ConfigError(f"recipe {recipe!r}: {msg}{_suggest_for_override(msg, schema)}") from err
+    finally:
+        register(TrainConfig)
+
+
+def _sniff_family(config_dir: Path, name: str, overrides: list[str]) -> str:
+    """The family the recipe's model group file names, composed with an untyped model node (overrides of
+    model keys other than model.family are left out: they may name keys only the family's schema has)."""
+    keep = [o for o in overrides if not o.lstrip("+~").startswith("model.") or o.lstrip("+~").startswith("model.family=")]
+    try:
+        cfg = _compose("", config_dir, name, keep, _FAMILY_SNIFF)
+    except ConfigError:
+        return DEFAULT_FAMILY  # the first pass's error is the one to show
+    return str(cfg.model.get("family", DEFAULT_FAMILY))
+
+
+def _suggest_for_override(msg: str, schema: type = TrainConfig) -> str:
+    """' (did you mean optim.lr?)' for Hydra's "Could not override 'optim.lrr'" about a key not in the schema."""
+    import re
+
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m is None or "not in" not in msg:
+        return ""
+    parent, _, leaf = m.group(1).rpartition(".")
+    node: Any = OmegaConf.structured(schema)
+    for part in filter(None, parent.split(".")):
+        fields = _schema_fields(node) or []
+        if part not in fields:  # the misspelling is higher up: suggest for that part
+            close = difflib.get_close_matches(part, fields, n=1, cutoff=0.5)
+            return f"\n(did you mean {close[0]}?)" if close else ""
+        node = node._get_node(part)
+        if not isinstance(node, DictConfig):
+            return ""
+    fields = _schema_fields(node) or []
+    close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.5)
+    return f"\n(did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
 
 
 def _schema_fields(node: DictConfig) -> list[str] | None:
@@ -396,6 +508,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _need(len(set(t.freeze)) < len(MODULES), "train.freeze freezes every module: nothing would train")
     _need(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
     _need(t.save_every >= 0 and t.keep_last >= 1, "train.save_every must be >= 0 and train.keep_last >= 1")
+    _need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be >= 1, got {t.max_nonfinite_steps}")
     _need(o.name == "adamw", f"optim.name: only 'adamw' is implemented, got {o.name!r}")
     _need(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr}), lr > 0")
     _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0,1): {list(o.betas)}")
@@ -423,10 +536,14 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         _need(torch.cuda.is_available(), "engine.device=cuda but CUDA is not available here")
     _need(lg.wandb.mode in WANDB_MODES, f"logging.wandb.mode must be one of {WANDB_MODES}, got {lg.wandb.mode!r}")
     _need(lg.every >= 1, f"logging.every must be >= 1, got {lg.every}")
+    _need(lg.peak_flops is None or lg.peak_flops > 0,
+          f"logging.peak_flops must be > 0 (FLOP/s per device) or null (auto), got {lg.peak_flops}")
     _need(d.kind in DATA_KINDS, f"data.kind must be one of {DATA_KINDS}, got {d.kind!r}")
+    _need(d.prefetch_batches >= 0 and d.num_workers >= 0, "data.prefetch_batches and data.num_workers must be >= 0")
     _need(d.kind == "synthetic" or len(d.sources) > 0, "data.sources is empty (need at least one shard source)")
-    _need(d.seq_len >= cfg.model.adapter.n_queries + 3,
-          f"data.seq_len ({d.seq_len}) must fit one image span ({cfg.model.adapter.n_queries + 2} tokens) plus text")
+    span = image_span_tokens(cfg)
+    _need(d.seq_len >= span + 1,
+          f"data.seq_len ({d.seq_len}) must fit one image span ({span} tokens) plus text")
     _need(d.seq_len <= cfg.model.llm.max_position,
           f"data.seq_len ({d.seq_len}) exceeds model.llm.max_position ({cfg.model.llm.max_position})")
     names = [s.name for s in d.sources]
@@ -438,11 +555,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _need(op.vqa_answer in ("first", "sample"), f"data.options.vqa_answer must be first or sample, got {op.vqa_answer!r}")
     _need(op.pack_buffer >= 1 and op.max_pixels > 0, "data.options.pack_buffer and data.options.max_pixels must be > 0")
     if d.kind == "shards":
-        # real data is tokenised by data.tokenizer with the Qwen ids (SPEC §2); remapped ids are synthetic-only
-        want = SpecialIds().__dict__
+        # real data is tokenised by data.tokenizer with the family's tokenizer ids (SPEC §2, Qwen2-VL: its
+        # tokenizer_config.json); remapped ids are synthetic-only
+        want = (SpecialIds() if cfg.model.family == DEFAULT_FAMILY else Qwen2SpecialIds()).__dict__
         bad = [f"model.ids.{k}={cfg.model.ids[k]} (tokenizer: {v})" for k, v in want.items() if cfg.model.ids[k] != v]
         _need(not bad, f"data.kind=shards needs the tokenizer's special ids: {', '.join(bad)}")
     ini = cfg.init
+    if cfg.model.family != DEFAULT_FAMILY:  # these loaders read Qwen-VL's OpenCLIP tower / Qwen-7B LLM
+        bad = [f"init.{k}" for k in ("openclip", "qwen_llm") if ini[k]]
+        _need(not bad, f"{', '.join(bad)}: Qwen-VL component weights cannot initialise model.family="
+                       f"{cfg.model.family}; use init.official (a Hugging Face checkpoint directory of the family)")
     _need(not ini.required or any(ini[k] for k in ("official", "from_stage_dir", "openclip", "qwen_llm")),
           "init.required=true but no initial weights given: set init.official (or init.from_stage_dir)")
     lo = cfg.lora
@@ -455,43 +577,52 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         _need(not t.freeze, f"train.freeze={list(t.freeze)} is not used with lora.enabled=true: the adapters and "
                             "lora.train_modules train, everything else is frozen; set train.freeze=[]")
     if lo.qlora:
-        import torch
+        import importlib.util
 
         _need(lo.enabled, "lora.qlora=true needs lora.enabled=true")
+        _need(importlib.util.find_spec("bitsandbytes") is not None,
+              "lora.qlora=true needs bitsandbytes (pip install 'bitsandbytes>=0.45'; CPU and CUDA kernels)")
+        _need(lo.quant_type in ("nf4", "fp4"), f"lora.quant_type must be nf4 or fp4, got {lo.quant_type!r}")
+        _need("llm" not in lo.train_modules,
+              "lora.qlora=true with lora.train_modules containing llm: the LLM's 4-bit base cannot be trained "
+              "fully; drop llm from lora.train_modules or set lora.qlora=false")
+        _need(not t.export_final or bool(cfg.init.official or cfg.init.from_stage_dir),
+              "lora.qlora=true with train.export_final=true needs init.official or init.from_stage_dir: the final "
+              "merge adds the adapters to those full-precision base weights")
+    if lo.enabled and lo.dora:
+        # peft's DoRA reads base_layer.weight outside the base layer's own forward, where ZeRO-3 has it
+        # partitioned (an empty stub): it would compute with nothing
         _need(not (e.kind == "deepspeed" and e.zero_stage == 3),
-              "lora.qlora=true cannot run under engine.zero_stage=3 (4-bit weights cannot be partitioned); "
-              "use engine=zero2")
-        _need(e.device == "cuda" or (e.device == "auto" and torch.cuda.is_available()),
-              "lora.qlora=true needs a CUDA device (bitsandbytes 4-bit kernels); use plain LoRA on the CPU")
-        _need(bool(cfg.init.official or cfg.init.from_stage_dir),
-              "lora.qlora=true needs init.official or init.from_stage_dir: the final merge adds the adapters "
-              "to those full-precision base weights")
-    # peft would inject its adapters into base layers zero.Init has already partitioned; that runs, but its
-    # parity with the plain path is not verified, so LoRA runs build the model unpartitioned
-    _need(not (lo.enabled and e.kind == "deepspeed" and e.zero_stage == 3 and e.zero_init),
-          "lora.enabled=true with engine.zero_stage=3 cannot build the model inside deepspeed.zero.Init "
-          "(engine.zero_init=true): set engine.zero_init=false (each rank then builds the full model before "
-          "partitioning) or use engine=zero2")
+              "lora.dora=true cannot run under engine.zero_stage=3 (peft's DoRA reads the whole base weight "
+              "outside the layer's forward, where ZeRO-3 holds only a partition); use engine=zero2 or "
+              "lora.dora=false")
     mc = model_cfg(cfg)  # the model's own validation (divisibility etc.)
     if t.export_final:  # fail now, not after the last step
-        from train.model.official import config_to_official
-
+        family, _ = family_for_model_dict({"family": cfg.model.family})
         try:
-            config_to_official(mc)
+            family.checkpoint.fn("config_to")(mc)
         except ValueError as err:
             raise ConfigError(f"train.export_final=true but model: {err} (set train.export_final=false)") from err
 
 
 def model_cfg(cfg: DictConfig):
-    """The `QwenVLConfig` of this run (validated)."""
-    from train.model.config import QwenVLConfig
-
-    d = OmegaConf.to_container(cfg.model, resolve=True)
-    d.pop("name", None)
+    """The model config of this run (validated): the family's config class (`model.family`), e.g.
+    `QwenVLConfig` or `Qwen2VLConfig`."""
     try:
-        return QwenVLConfig.from_dict(d)
+        family, rest = family_for_model_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        return family.config_from_dict(rest)
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
+
+
+def image_span_tokens(cfg: DictConfig) -> int:
+    """Tokens of the smallest image span the model takes, start/end markers included: Qwen-VL's fixed
+    n_queries + 2; Qwen2-VL's image at min_pixels, ceil(min_pixels / (patch * merge)^2) + 2."""
+    m = cfg.model
+    if "adapter" in m:
+        return int(m.adapter.n_queries) + 2
+    factor = int(m.preprocess.patch_size) * int(m.preprocess.merge_size)
+    return -(-int(m.preprocess.min_pixels) // factor**2) + 2
 
 
 def warmup_steps(cfg: DictConfig) -> int:

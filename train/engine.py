@@ -9,6 +9,7 @@ The DeepSpeed config is generated from the Hydra config (`deepspeed_config`); it
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,15 @@ from torch import nn
 
 from train.config import resolve_grad_accum, warmup_steps
 from train.distributed import DistInfo
+from train.model.families import FAMILIES
 from train.optim import build_optimizer, build_scheduler
 
-MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "segment_ids", "position_ids")
+# the forward's batch keys: the shared ones, then every family's extras (train/model/families.py; a batch holds
+# only its own family's)
+MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "segment_ids", "position_ids",
+                *dict.fromkeys(k for f in FAMILIES.values() for k in f.batch_keys))
+# batch keys that stay on the host: the model reads them there (Qwen2-VL's image grids: no device sync)
+HOST_INPUTS = ("image_grid_thw",)
 
 
 def resolve_precision(cfg: DictConfig, device: torch.device) -> str:
@@ -34,10 +41,19 @@ def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[s
     e, t = cfg.engine, cfg.train
     accum = resolve_grad_accum(cfg, world_size)
     zero: dict[str, Any] = {"stage": e.zero_stage}
+    # DeepSpeed allocates its buckets at the configured size whatever the model (500M elements = 2 GB fp32
+    # per rank by default): a bucket larger than the whole model only wastes memory, so cap them at its size
+    n = model_numel(cfg)
+    buckets = {"reduce_bucket_size": min(int(e.reduce_bucket_size), n),
+               "allgather_bucket_size": min(int(e.reduce_bucket_size), n),
+               "stage3_prefetch_bucket_size": min(int(e.stage3_prefetch_bucket_size), n)}
     if e.zero_stage >= 1:
-        zero.update(overlap_comm=e.overlap_comm, contiguous_gradients=True, reduce_bucket_size=e.reduce_bucket_size)
+        zero.update(overlap_comm=e.overlap_comm, contiguous_gradients=True,
+                    reduce_bucket_size=buckets["reduce_bucket_size"])
+        if e.zero_stage <= 2:
+            zero["allgather_bucket_size"] = buckets["allgather_bucket_size"]
     if e.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=e.stage3_prefetch_bucket_size,
+        zero.update(stage3_prefetch_bucket_size=buckets["stage3_prefetch_bucket_size"],
                     stage3_param_persistence_threshold=e.stage3_param_persistence_threshold,
                     stage3_gather_16bit_weights_on_model_save=True)
     if e.offload_optimizer:
@@ -49,7 +65,8 @@ def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[s
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "bf16": {"enabled": precision == "bf16"},
+        # check_grad_overflow: a non-finite grad norm skips the step under bf16 too (fp32 always checks)
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
@@ -58,14 +75,25 @@ def deepspeed_config(cfg: DictConfig, world_size: int, precision: str) -> dict[s
     }
 
 
+def model_numel(cfg: DictConfig) -> int:
+    """Parameter elements of the run's model, counted on the meta device (no memory, no init)."""
+    from train.config import model_cfg
+    from train.model.families import get_family
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in get_family(str(cfg.model.family)).build_model(model_cfg(cfg)).parameters())
+
+
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_INPUTS else v)
+            for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     out = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None}
     if "pixel_values" in out and out["pixel_values"].shape[0] == 0:
         out.pop("pixel_values")
+        out.pop("image_grid_thw", None)  # no image: neither patches nor grids
     return out
 
 
@@ -95,7 +123,13 @@ class Engine:
         (`window_tokens`: summed over every micro-batch of every rank), not a mean of per-micro-batch means."""
         return loss_sum * (self.grad_accum * self.world_size / max(float(window_tokens), 1.0))
 
+    # False after a step whose gradient norm was not finite: no update, no scheduler advance (every rank agrees:
+    # the norm is global)
+    step_applied: bool = True
+
     def step(self) -> float | None:
+        """Clip, update, advance the LR schedule; returns the global grad norm. A non-finite norm (NaN/inf loss
+        or gradients on any rank) skips the update and the schedule and sets `step_applied` False."""
         raise NotImplementedError
 
     def lr(self) -> float:
@@ -148,10 +182,13 @@ class SingleEngine(Engine):
         else:
             norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.detach().norm() for p in self._params if p.grad is not None]))
-        self.optimizer.step()
+        norm = float(norm)
+        self.step_applied = math.isfinite(norm)
+        if self.step_applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return float(norm)
+        return norm
 
     def save(self, ckpt_dir: Path) -> None:
         from safetensors.torch import save_file
@@ -160,6 +197,10 @@ class SingleEngine(Engine):
         save_file(state, str(ckpt_dir / "model.safetensors"))
         torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), ckpt_dir / "scheduler.pt")
+        # optimizer.pt indexes parameters by position: their names let another world size / engine resume it
+        from train.portable import PARAM_NAMES, param_names
+
+        (ckpt_dir / PARAM_NAMES).write_text(json.dumps(param_names(self.module, self.optimizer)), encoding="utf-8")
 
     def load(self, ckpt_dir: Path) -> None:
         from safetensors.torch import load_file
@@ -213,6 +254,8 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"DeepSpeed made {self.ds.global_steps - self._last_global_steps} optimizer steps "
                                f"over one accumulation window of {self.grad_accum} micro-batches (expected 1)")
         self._last_global_steps = self.ds.global_steps
+        # ZeRO-1/2/3 skip the update and the scheduler themselves on a non-finite global norm (overflow check)
+        self.step_applied = bool(self.ds.was_step_applied())
         norm = self.ds.get_global_grad_norm()
         if norm is None:
             return None

@@ -21,8 +21,9 @@ from train.build import build_heldout, build_model, build_train_data, check_inpu
 from train.checkpoint import CheckpointManager
 from train.config import model_cfg, to_yaml
 from train.engine import Engine, build_engine
+from train.flops import FlopsModel, causal_pairs, mfu, resolve_peak_flops
 from train.freeze import MODULES, freeze_table, set_train_mode
-from train.metrics import FlopsModel, MetricsLogger, memory_stats, mfu, per_task_losses
+from train.metrics import MetricsLogger, memory_stats, per_task_losses
 from train.model.loss import IGNORE_INDEX
 from train.model.qwen_vl import shift_targets
 
@@ -30,6 +31,24 @@ log = logging.getLogger("train")
 N_TASK_SLOTS = 16
 # test hook: SIGKILL this process right after optimizer step N (simulates a crash: no cleanup at all)
 KILL_ENV = "QWENVL_DEBUG_SIGKILL_AT_STEP"
+# test hook: make rank 0's loss NaN at these optimizer steps ("3", "3,4", "3-7"), as a bad batch would
+NAN_ENV = "QWENVL_DEBUG_NAN_AT_STEPS"
+
+
+class EmptyHeldout(RuntimeError):
+    """A held-out split gave no target token: a 0.0 loss over nothing would look like a result."""
+
+
+class NonFiniteRun(RuntimeError):
+    """train.max_nonfinite_steps optimizer steps in a row had a NaN/inf loss or gradient norm."""
+
+
+def _steps_from_env(name: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, os.environ.get(name, "").split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def _say(info: distributed.DistInfo, msg: str) -> None:
@@ -56,7 +75,7 @@ def evaluate(engine: Engine, heldout: dict[str, Any], max_batches: int) -> dict[
                 it.close()
         if n_tok == 0:
             skipped = it.stats().get("skipped", {}) if hasattr(it, "stats") else {}
-            raise RuntimeError(f"held-out split {task!r} (data.heldout.{task}) gave no target token in "
+            raise EmptyHeldout(f"held-out split {task!r} (data.heldout.{task}) gave no target token in "
                                f"{n_batches} batches: its shards hold no usable sample (skipped: {skipped})")
         out[task] = {"loss": loss_sum / n_tok, "tokens": n_tok, "batches": n_batches}
     return out
@@ -112,8 +131,10 @@ class StopRequest:
         self._previous.clear()
 
 
-# [loss_sum, n_tokens, samples, non-pad tokens, total tokens, images, out_of_time, stop_asked] + per task
-_SLOTS = ("loss_sum", "n_tokens", "samples", "real_tokens", "all_tokens", "images", "out_of_time", "stop_asked")
+# [loss_sum, n_tokens, samples, non-pad tokens, total tokens, images, causal attention pairs, out_of_time,
+#  stop_asked] + per task
+_SLOTS = ("loss_sum", "n_tokens", "samples", "real_tokens", "all_tokens", "images", "attn_pairs", "out_of_time",
+          "stop_asked")
 N_FIXED = len(_SLOTS)
 
 
@@ -133,15 +154,16 @@ class StepStats:
         # counted on the CPU batch: no device sync
         host = torch.tensor([float(batch["n_samples"].sum()) if "n_samples" in batch else seg.shape[0],
                              float((seg != 0).sum()), float(seg.numel()),
-                             0.0 if pix is None else float(pix.shape[0])], dtype=torch.float64)
-        self.t[2:6] += host.to(self.t.device)
+                             0.0 if pix is None else float(pix.shape[0]), float(causal_pairs(seg))],
+                            dtype=torch.float64)
+        self.t[2:7] += host.to(self.t.device)
         if out.row_loss_sum is not None and "task_ids" in batch:
             tid = batch["task_ids"].to(self.t.device).clamp(max=N_TASK_SLOTS - 1)
             self.t[N_FIXED:N_FIXED + N_TASK_SLOTS].index_add_(0, tid, out.row_loss_sum.detach().double().to(self.t.device))
             self.t[N_FIXED + N_TASK_SLOTS:].index_add_(0, tid, out.row_n_tokens.detach().double().to(self.t.device))
 
     def reduce(self, out_of_time: bool, stop_asked: bool) -> dict[str, Any]:
-        self.t[6], self.t[7] = float(out_of_time), float(stop_asked)
+        self.t[7], self.t[8] = float(out_of_time), float(stop_asked)
         t = distributed.all_reduce_sum(self.t).cpu()
         r: dict[str, Any] = {k: float(t[i]) for i, k in enumerate(_SLOTS)}
         r["out_of_time"], r["stop_asked"] = r["out_of_time"] > 0, r["stop_asked"] > 0
@@ -162,31 +184,38 @@ def next_window(it: Iterator[dict[str, Any]], accum: int) -> list[dict[str, Any]
         raise RuntimeError("training data stream ended early; use an infinite (epochs=None) stream") from err
 
 
-def train_step(engine: Engine, window: list[dict[str, Any]], info: distributed.DistInfo) -> tuple[StepStats, float | None]:
-    """One optimizer step over `window`: token-weighted backward of every micro-batch, then the update."""
+def train_step(engine: Engine, window: list[dict[str, Any]], info: distributed.DistInfo,
+               poison: bool = False) -> tuple[StepStats, float | None]:
+    """One optimizer step over `window`: token-weighted backward of every micro-batch, then the update
+    (skipped by the engine when the global grad norm is not finite). `poison`: the NaN test hook."""
     local = torch.tensor([float(sum(count_targets(b) for b in window))], dtype=torch.float64, device=info.device)
     window_tokens = float(distributed.all_reduce_sum(local)[0])  # every rank, every micro-batch
     stats = StepStats(info.device)
     for batch in window:
         out = engine.forward(batch)
-        engine.backward(engine.token_weighted(out.loss_sum, window_tokens))
+        loss = engine.token_weighted(out.loss_sum, window_tokens)
+        if poison and info.rank == 0:
+            loss = loss * float("nan")
+            out = type(out)(**{**out, "loss_sum": out.loss_sum * float("nan")})
+        engine.backward(loss)
         stats.add(out, batch)
     return stats, engine.step()
 
 
-def _step_record(cfg: DictConfig, engine: Engine, r: dict[str, Any], grad_norm: float | None, dt: float,
-                 step_flops: float, counters: dict[str, float], world: int, data: Any) -> dict[str, Any]:
+def _step_record(engine: Engine, r: dict[str, Any], grad_norm: float | None, dt: float, step_flops: float,
+                 peak_flops: float, counters: dict[str, float], world: int, data: Any) -> dict[str, Any]:
     skipped = data.stats().get("skipped", {}) if hasattr(data, "stats") else {}
     rec = {"loss": r["loss_sum"] / max(r["n_tokens"], 1.0), "lr": engine.lr(),
            "grad_norm": grad_norm if grad_norm is not None else float("nan"),
            "tokens_per_s": r["real_tokens"] / dt, "samples_per_s": r["samples"] / dt,
-           "mfu": mfu(step_flops, dt, cfg.logging.peak_flops, world),
+           "mfu": mfu(step_flops, dt, peak_flops, world),
            "tflops_per_device": step_flops / dt / world / 1e12,
            "padding_fraction": 1.0 - r["real_tokens"] / max(r["all_tokens"], 1.0),
            "step_time_s": dt, "tokens_seen": counters["tokens"], "samples_seen": counters["samples"],
            **per_task_losses(r["tasks"]), **memory_stats(engine.device)}
     flat = _flatten(skipped)
     rec["skipped/total"] = float(sum(flat.values()))  # always present: 0 is worth seeing too
+    rec["skipped/nonfinite_step"] = counters.get("nonfinite_steps", 0.0)  # optimizer steps skipped (NaN/inf)
     rec.update({f"skipped/{k}": v for k, v in flat.items()})
     return rec
 
@@ -241,7 +270,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         stop.restore()
     summary.update(steps_run=step - start_step, final_step=step, losses=losses, exit_code=stop.exit_code)
-    if step == int(cfg.train.steps):
+    if step == int(cfg.train.steps) and "nonfinite_stop" not in summary:
         finish_run(cfg, engine, heldout, ckpt, logger, data, info, step, counters, summary)
     summary["wandb_dir"] = logger.wandb_dir
     summary["metrics_jsonl"] = str(out_dir / "metrics.jsonl") if cfg.logging.jsonl else None
@@ -252,6 +281,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         data.close()
     _say(info, "[train] done: " + "; ".join(f"{k} {v}" for k, v in _done_paths(summary).items()))
     distributed.barrier()
+    if "nonfinite_stop" in summary:
+        raise NonFiniteRun(f"run {cfg.run_name} stopped at step {summary['final_step']}: {summary['nonfinite_stop']}")
     return summary
 
 
@@ -283,27 +314,45 @@ def run_steps(cfg: DictConfig, engine: Engine, data: Any, heldout: dict[str, Any
     frozen = [m for m in MODULES if not any(p.requires_grad for p in getattr(engine.module, m).parameters())]
     it = iter(data)
     kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+    poison_at = _steps_from_env(NAN_ENV)
+    peak = resolve_peak_flops(info.device, engine.precision, cfg.logging.peak_flops)  # for MFU; measured once
     t_start = time.time()
     step, losses = start_step, []
+    streak = 0  # optimizer steps in a row skipped for a non-finite loss / grad norm
     while step < total:
         set_train_mode(engine.module, frozen)
         t0 = time.time()
-        stats, grad_norm = train_step(engine, next_window(it, engine.grad_accum), info)
+        stats, grad_norm = train_step(engine, next_window(it, engine.grad_accum), info, poison=step + 1 in poison_at)
         step += 1
+        if engine.step_applied:
+            streak = 0
+        else:
+            streak += 1
+            counters["nonfinite_steps"] = counters.get("nonfinite_steps", 0.0) + 1
+            _say(info, f"[train] step {step}: non-finite loss or gradient norm ({grad_norm}): update skipped on "
+                       f"every rank ({streak} in a row; the run stops at train.max_nonfinite_steps={t.max_nonfinite_steps})")
         # any rank out of time or asked to stop -> every rank checkpoints and stops at this same step
         r = stats.reduce(t.max_seconds > 0 and time.time() - t_start > t.max_seconds, stop.signum is not None)
         dt = time.time() - t0
         counters["tokens"] += r["real_tokens"]
         counters["samples"] += r["samples"]
         losses.append(r["loss_sum"] / max(r["n_tokens"], 1.0))
-        if step % cfg.logging.every == 0 or step == total or step == start_step + 1:
-            logger.log(step, _step_record(cfg, engine, r, grad_norm, dt, flops(r["real_tokens"], r["images"]),
-                                          counters, info.world_size, data))
+        if step % cfg.logging.every == 0 or step == total or step == start_step + 1 or streak:
+            step_flops = flops(r["real_tokens"], r["images"], target_tokens=r["n_tokens"], attn_pairs=r["attn_pairs"])
+            logger.log(step, _step_record(engine, r, grad_norm, dt, step_flops, peak, counters, info.world_size, data))
         logger.advance()
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if streak >= t.max_nonfinite_steps:
+            last = ckpt.latest()
+            summary["nonfinite_stop"] = (f"{streak} optimizer steps in a row (steps {step - streak + 1}-{step}) had a "
+                                         "non-finite loss or gradient norm; last good checkpoint: "
+                                         f"{last if last is not None else 'none'} (lower optim.lr, check the data of "
+                                         "those steps, or raise train.max_nonfinite_steps)")
+            break
         halt = r["out_of_time"] or r["stop_asked"]
-        if step < total and ((t.save_every and step % t.save_every == 0) or halt):
+        # no periodic checkpoint inside a non-finite streak: keep_last must not prune the last good one
+        if step < total and ((t.save_every and step % t.save_every == 0 and not streak) or halt):
             ckpt.save(step, engine, data, {"counters": counters})
         if halt:
             why = "train.max_seconds reached" if r["out_of_time"] else "stop signal received"
@@ -337,20 +386,31 @@ def finish_run(cfg: DictConfig, engine: Engine, heldout: dict[str, Any], ckpt: C
 def export_final(cfg: DictConfig, engine: Engine, out_dir: Path, info: distributed.DistInfo) -> str:
     """Final weights in the official HF layout at <output_dir>/final (ZeRO-3: consolidated first; LoRA:
     adapters merged into the base weights, and the adapters alone under <output_dir>/final_lora)."""
-    from train.model.official import export_official
+    import inspect
 
+    from train.model.families import get_family
+
+    export = get_family(str(cfg.model.family)).checkpoint.fn("export")  # Qwen-VL: official.export_official
     state = engine.full_state_dict()  # collective under ZeRO-3
     dest = out_dir / "final"
     if info.is_main:
         state = dict(state)
         if cfg.lora.enabled:
             from train.export import expected_keys, lora_base_weights, save_lora_adapters
-            from train.lora import merge_lora_state
+            from train.lora import lora_scaling, merge_lora_state
 
-            save_lora_adapters(state, out_dir / "final_lora", cfg)
-            base = lora_base_weights(cfg) if cfg.lora.qlora else None
-            state = merge_lora_state(state, cfg.lora.alpha / cfg.lora.r, expected_keys(model_cfg(cfg)), base)
-        export_official(state, dest, cfg=model_cfg(cfg), overwrite=True)
+            lo = cfg.lora
+            save_lora_adapters(state, out_dir / "final_lora", cfg)  # peft's layout (peft.PeftModel loads it)
+            # Q-LoRA: merged into the ORIGINAL full-precision base (the state holds no 4-bit weights at all)
+            base = lora_base_weights(cfg) if lo.qlora else None
+            state = merge_lora_state(state, lora_scaling(lo.r, lo.alpha, lo.rslora), expected_keys(model_cfg(cfg)),
+                                     base)
+        # config.json keeps the source checkpoint's values (precision flags, NTK, seq_length >= trained length)
+        # and its tokenizer / model code files come along, so the export loads where the source loaded
+        # (the options a family's export takes: Qwen-VL's source_dir / seq_length have no Qwen2-VL counterpart)
+        extra = {"source_dir": cfg.init.from_stage_dir or cfg.init.official, "seq_length": cfg.data.seq_len}
+        takes = inspect.signature(export).parameters
+        export(state, dest, cfg=model_cfg(cfg), overwrite=True, **{k: v for k, v in extra.items() if k in takes})
     distributed.barrier()
     return str(dest.resolve())
 

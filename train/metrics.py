@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from data.tasks import TASKS
+from train.flops import FlopsModel, mfu  # noqa: F401
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 
@@ -43,43 +43,6 @@ def per_task_losses(task_sums: torch.Tensor) -> dict[str, float]:
             name = TASKS[i] if i < len(TASKS) else f"task{i}"
             out[f"loss/{name}"] = s / n
     return out
-
-
-class FlopsModel:
-    """Training FLOPs of one step, from parameter counts (the 2N-per-token-per-pass rule; attention's
-    quadratic term and activation-checkpointing recompute are left out, as MFU conventionally does).
-
-    Per pass and module: forward 2N per token; backward 2N for activation gradients when anything before
-    the module trains (gradients must cross it) plus 2N for weight gradients when it trains itself. The LLM
-    sees the real (non-padding) tokens, the vision tower the patches of every image, the adapter the
-    patches (its kv projection dominates). Embedding tables do no matmul work and are not counted."""
-
-    def __init__(self, model: nn.Module, cfg: Any) -> None:
-        def n(m: nn.Module, trainable: bool | None = None) -> int:
-            return sum(int(getattr(p, "ds_numel", p.numel())) for p in m.parameters()
-                       if trainable is None or p.requires_grad == trainable)
-
-        def trains(m: nn.Module) -> bool:
-            return any(p.requires_grad for p in m.parameters())
-
-        self.patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
-        v_tr, a_tr, l_tr = trains(model.visual), trains(model.adapter), trains(model.llm)
-        self.n_vit, self.n_adapter = n(model.visual), n(model.adapter)
-        self.n_llm = n(model.llm) - cfg.llm.vocab_size * cfg.llm.hidden  # wte is a lookup
-        self.f_vit = 2 + 4 * v_tr  # frozen tower: forward only, under no_grad
-        self.f_adapter = 2 + 2 * v_tr + 2 * a_tr
-        self.f_llm = 2 + 2 * (v_tr or a_tr or l_tr) + 2 * l_tr
-
-    def __call__(self, tokens: float, images: float) -> float:
-        per_image = self.patches * (self.f_vit * self.n_vit + self.f_adapter * self.n_adapter)
-        return self.f_llm * self.n_llm * tokens + per_image * images
-
-
-def mfu(flops: float, seconds: float, peak_flops: float, world_size: int) -> float:
-    """Model FLOPs utilisation estimate: FLOPs / (time x peak per device x devices)."""
-    if seconds <= 0 or peak_flops <= 0:
-        return 0.0
-    return flops / (seconds * peak_flops * world_size)
 
 
 def _finite_or_null(record: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ _EXPORTS = {
     "KVCache": "llm",
     "chunked_cross_entropy": "loss",
     "chunked_cross_entropy_per_token": "loss",
+    "linear_cross_entropy": "loss",
+    "HeadLoss": "loss",
     "QwenVL": "qwen_vl",
     "ModelOutput": "qwen_vl",
     "VisionTower": "vision",

@@ -13,17 +13,17 @@ from dataclasses import asdict, dataclass, field, fields, replace
 class VisionConfig:
     """OpenCLIP ViT-bigG/14 geometry (SPEC §1)."""
 
-    image_size: int = 448
-    patch_size: int = 14
-    width: int = 1664
-    layers: int = 48
-    heads: int = 16
-    mlp_width: int = 8192
-    ln_eps: float = 1e-6
+    image_size: int = 448  # input resolution in pixels (224 in stage 1, 448 after)
+    patch_size: int = 14  # ViT patch side in pixels
+    width: int = 1664  # ViT hidden size
+    layers: int = 48  # ViT transformer blocks
+    heads: int = 16  # ViT attention heads
+    mlp_width: int = 8192  # ViT MLP inner size
+    ln_eps: float = 1e-6  # ViT LayerNorm epsilon
     pos_grid: int = 16  # grid of the stored positional embedding (224 px); interpolated at run time
-    drop_path: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate of the ViT blocks
     window_size: int = 0  # 0 = global attention (paper default); >0 = windowed attention in patches
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute ViT activations in backward (engine.grad_checkpointing)
 
     @property
     def grid(self) -> int:
@@ -34,25 +34,28 @@ class VisionConfig:
 class AdapterConfig:
     """Position-aware cross-attention adapter ("resampler")."""
 
-    n_queries: int = 256
+    n_queries: int = 256  # learned queries = image tokens per image (pos_grid**2)
     pos_grid: int = 16  # queries form a 16x16 grid for the 2D sin-cos table
     head_dim: int = 128  # heads = llm hidden // head_dim
-    ln_eps: float = 1e-6
+    ln_eps: float = 1e-6  # adapter LayerNorm epsilon
 
 
 @dataclass
 class LLMConfig:
     """Qwen-7B decoder geometry."""
 
-    vocab_size: int = 151936
-    hidden: int = 4096
-    layers: int = 32
-    heads: int = 32
+    vocab_size: int = 151936  # embedding / output vocabulary (the Qwen tokenizer's)
+    hidden: int = 4096  # LLM hidden size
+    layers: int = 32  # LLM decoder blocks
+    heads: int = 32  # LLM attention heads
     intermediate: int = 11008  # official config.json stores 2x this (22016); the code halves it
-    rms_eps: float = 1e-6
-    rope_base: float = 10000.0
-    max_position: int = 8192
-    grad_checkpointing: bool = False
+    rms_eps: float = 1e-6  # RMSNorm epsilon
+    rope_base: float = 10000.0  # rotary embedding base
+    max_position: int = 8192  # longest sequence the rotary tables cover
+    grad_checkpointing: bool = False  # recompute LLM activations in backward (engine.grad_checkpointing)
+    # Packed-row attention (train/model/attention.py): auto = flash-attn varlen on CUDA with a half compute
+    # dtype, else FlexAttention on CUDA, else per-document SDPA (CPU); flex | flash | sdpa_docs | sdpa_dense.
+    attn_impl: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -63,12 +66,12 @@ class LLMConfig:
 class SpecialIds:
     """Token ids the model itself needs (SPEC §2)."""
 
-    eod: int = 151643
-    im_start: int = 151644
-    im_end: int = 151645
-    img_start: int = 151857
-    img_end: int = 151858
-    img_pad: int = 151859
+    eod: int = 151643  # <|endoftext|>: end of document
+    im_start: int = 151644  # <|im_start|> (ChatML)
+    im_end: int = 151645  # <|im_end|> (ChatML)
+    img_start: int = 151857  # <img>: opens an image span
+    img_end: int = 151858  # </img>: closes an image span
+    img_pad: int = 151859  # image placeholder the adapter's outputs replace
 
 
 @dataclass
@@ -78,6 +81,8 @@ class QwenVLConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     ids: SpecialIds = field(default_factory=SpecialIds)
     loss_chunk_tokens: int = 1024  # tokens per chunk in the chunked cross-entropy
+    loss_impl: str = "fused_fwd_grad"  # fused_fwd_grad | chunked | naive | liger (train/model/loss.py)
+    debug_checks: bool = False  # validate image spans in every forward (host syncs; the pipeline checks)
 
     def validate(self) -> QwenVLConfig:
         v, a, m = self.vision, self.adapter, self.llm

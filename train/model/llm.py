@@ -2,7 +2,8 @@
 
 Parameter names follow docs/DESIGN.md (`wte`, `h.N.*`, `ln_f`, `lm_head`) so the official
 checkpoint maps onto it by a prefix change only. Packed rows are supported through
-`segment_ids` (attention causal and within one segment) and per-sample `position_ids`.
+`segment_ids` (attention causal and within one segment) and per-sample `position_ids`; the attention
+path for packed rows (never a dense [T,T] mask in training) is chosen in train/model/attention.py.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import attention as attn_paths
+from .attention import (  # noqa: F401 - build_attention_mask and flash_attn_varlen_func re-exported
+    AttentionPlan,
+    attend,
+    build_attention_mask,
+    flash_attn_varlen_func,
+    plan_attention,
+)
 from .config import LLMConfig
-from .loss import chunked_cross_entropy_per_token
-
-try:  # optional fast path for packed training on GPU
-    from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
-except Exception:  # noqa: BLE001 - any import failure (missing, CUDA mismatch) just disables it
-    flash_attn_varlen_func = None
+from .loss import HeadLoss, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -67,34 +71,6 @@ def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - run_start
 
 
-def build_attention_mask(
-    q_seg: torch.Tensor | None, k_seg: torch.Tensor | None, tq: int, tk: int, device: torch.device
-) -> torch.Tensor:
-    """Boolean mask [B or 1,1,tq,tk]: causal (queries are the last tq of tk keys) AND same segment.
-
-    The diagonal is always allowed so that no row is fully masked (padding queries with segment 0
-    would otherwise give NaN softmax); padding outputs are never used by the loss.
-    """
-    offset = tk - tq
-    qi = torch.arange(tq, device=device)[:, None] + offset
-    kj = torch.arange(tk, device=device)[None, :]
-    causal = kj <= qi
-    if q_seg is None or k_seg is None:
-        return causal[None, None]
-    same = q_seg[:, :, None] == k_seg[:, None, :]
-    return ((same & causal) | (kj == qi))[:, None]
-
-
-def _cu_seqlens(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Cumulative lengths of contiguous equal-segment runs over the flattened [B*T] tokens."""
-    B, T = segment_ids.shape
-    start = torch.ones_like(segment_ids, dtype=torch.bool)
-    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    starts = start.flatten().nonzero().flatten()
-    cu = torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max().item())
-
-
 class KVCache:
     """Per-layer keys/values [B,heads,L,d] accumulated during incremental decoding.
 
@@ -128,8 +104,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        cu_seqlens: tuple[torch.Tensor, int] | None = None,
+        plan: AttentionPlan,
         kv_cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
@@ -137,17 +112,9 @@ class Attention(nn.Module):
         q, k, v = self.c_attn(x).split(H, dim=-1)
         q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cu_seqlens is not None:  # flash-attn varlen: packed samples as separate sequences
-            cu, max_len = cu_seqlens
-            qf, kf, vf = (t.transpose(1, 2).reshape(B * T, self.heads, self.head_dim) for t in (q, k, v))
-            out = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_len, max_len, causal=True)
-            return self.c_proj(out.reshape(B, T, H))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, plan)
         return self.c_proj(out.transpose(1, 2).reshape(B, T, H))
 
 
@@ -172,21 +139,25 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cu_seqlens=None, kv_cache=None, layer=0):  # noqa: ANN001
-        x = x + self.attn(self.ln_1(x), cos, sin, mask, cu_seqlens, kv_cache, layer)
+    def forward(self, x, cos, sin, plan, kv_cache=None, layer=0):  # noqa: ANN001
+        x = x + self.attn(self.ln_1(x), cos, sin, plan, kv_cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
 class LMHead(nn.Linear):
-    """Untied output projection. Called as a module (so ZeRO-3 gathers its weight) either for
-    logits or, given targets, for per-token chunked cross-entropy without [N,V] fp32 logits."""
+    """Untied output projection. Called as a module (so ZeRO-3 gathers its weight) either for logits or,
+    given targets, for the cross-entropy without [N,V] logits: `HeadLoss(loss_sum, per_token)` (loss.py)."""
 
     def forward(  # type: ignore[override]
-        self, hidden: torch.Tensor, targets: torch.Tensor | None = None, chunk_tokens: int = 1024
-    ) -> torch.Tensor:
+        self,
+        hidden: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        chunk_tokens: int = 1024,
+        impl: str = "fused_fwd_grad",
+    ) -> torch.Tensor | HeadLoss:
         if targets is None:
             return F.linear(hidden, self.weight)
-        return chunked_cross_entropy_per_token(hidden, self.weight, targets, chunk_tokens)
+        return linear_cross_entropy(hidden, self.weight, targets, chunk_tokens, impl)
 
 
 class QwenLM(nn.Module):
@@ -198,7 +169,8 @@ class QwenLM(nn.Module):
         self.ln_f = RMSNorm(cfg.hidden, cfg.rms_eps)
         self.lm_head = LMHead(cfg.hidden, cfg.vocab_size, bias=False)
         self.grad_checkpointing = cfg.grad_checkpointing
-        self.use_flash_attn = True  # used only when flash_attn is importable, on CUDA, in fp16/bf16
+        self.attn_impl = attn_paths.check_impl(cfg.attn_impl)
+        self.use_flash_attn = True  # False keeps attn_impl=auto off flash-attn (which runs only on CUDA, fp16/bf16)
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
@@ -227,15 +199,20 @@ class QwenLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def _flash_ok(self, x: torch.Tensor, segment_ids: torch.Tensor | None, kv_cache: KVCache | None) -> bool:
-        return (
-            self.use_flash_attn
-            and flash_attn_varlen_func is not None
-            and x.is_cuda
-            and x.dtype in (torch.float16, torch.bfloat16)
-            and segment_ids is not None
-            and kv_cache is None
-        )
+    @staticmethod
+    def _decode_plan(
+        segment_ids: torch.Tensor | None, kv_cache: KVCache, T: int, device: torch.device
+    ) -> AttentionPlan:
+        """Generation keeps a dense [B,1,T,past+T] mask when it needs one: inference only, T is the prompt
+        once and 1 per step after, and left padding must stay masked against the cached keys."""
+        past = kv_cache.length
+        if past > 0 and (kv_cache.seg is None) != (segment_ids is None):
+            raise ValueError("segment_ids must be given on every decoding step or on none (cache mismatch)")
+        k_seg = segment_ids if past == 0 or segment_ids is None else torch.cat([kv_cache.seg, segment_ids], 1)
+        kv_cache.seg = k_seg
+        if past == 0 and segment_ids is None:
+            return AttentionPlan("sdpa_causal")
+        return AttentionPlan("sdpa_dense", mask=build_attention_mask(segment_ids, k_seg, T, past + T, device))
 
     def forward(
         self,
@@ -264,25 +241,17 @@ class QwenLM(nn.Module):
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != inputs {(B, T)}")
         cos, sin = rotary_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_base)
 
-        mask, cu = None, None
-        if self._flash_ok(x, segment_ids, kv_cache):
-            cu = _cu_seqlens(segment_ids)
-        elif kv_cache is not None:
-            if past > 0 and (kv_cache.seg is None) != (segment_ids is None):
-                raise ValueError("segment_ids must be given on every decoding step or on none (cache mismatch)")
-            k_seg = segment_ids if past == 0 or segment_ids is None else torch.cat([kv_cache.seg, segment_ids], 1)
-            if past > 0 or segment_ids is not None:
-                mask = build_attention_mask(segment_ids, k_seg, T, past + T, x.device)
-            kv_cache.seg = k_seg
-        elif segment_ids is not None:
-            mask = build_attention_mask(segment_ids, segment_ids, T, T, x.device)
+        if kv_cache is not None:
+            plan = self._decode_plan(segment_ids, kv_cache, T, x.device)
+        else:
+            plan = plan_attention(segment_ids, self.attn_impl, x, allow_flash=self.use_flash_attn)
 
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, block in enumerate(self.h):
             if ckpt:
-                x = checkpoint(block, x, cos, sin, mask, cu, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, plan, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cu, kv_cache, i)
+                x = block(x, cos, sin, plan, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)

@@ -7,11 +7,15 @@ layout (SPEC §1); everything else uses the internal names of docs/DESIGN.md.
 - `official_key_to_internal` / `internal_key_to_official`, `per_head_to_torch_qkv` /
   `torch_qkv_to_per_head`, `official_to_internal` / `internal_to_official`: pure translations.
 - `load_official`, `load_qwen_llm`, `load_openclip_vision`: streaming loads (one shard open at a time,
-  each tensor translated and copied straight into its parameter; never a second full state dict).
+  each tensor translated and copied straight into its parameter; never a second full state dict), from
+  safetensors shards or from `pytorch_model*.bin` shards (how the official checkpoints were published;
+  `torch.load(weights_only=True, mmap=True)`, no pickle code runs).
   Every mismatch (missing / unexpected / mis-shaped key) is collected first and raised as ONE
   `CheckpointMismatchError` before any parameter is touched.
 - `build_from_official`: config.json + weights -> `QwenVL` (built on the meta device, no random init).
-- `export_official`: config.json + sharded safetensors + index, written atomically.
+- `export_official`: config.json + sharded safetensors + index, written atomically; with `source_dir` the
+  source checkpoint's run-time config fields and its tokenizer / model code files are carried over
+  (`export_config`), so the export loads wherever the source did.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from .config import AdapterConfig, LLMConfig, QwenVLConfig, SpecialIds, VisionCo
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# transformers' default before safetensors (how Qwen-VL / Qwen-VL-Chat were published): pickled torch shards
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 CONFIG_NAME = "config.json"
 OFFICIAL_MODEL_TYPE = "qwen"
 OFFICIAL_ADAPTER_HEAD_DIM = 128  # official Resampler: num_heads = output_dim // 128
@@ -211,6 +219,78 @@ def config_to_official(cfg: QwenVLConfig, torch_dtype: str = "bfloat16", seq_len
     }
 
 
+# config.json fields that say how the official code runs the model, not what its weights are. An export
+# keeps the source checkpoint's values; without a source these defaults make the official code compute what
+# this framework's model computes: plain RoPE at every length (no dynamic NTK, no logn attention scaling),
+# precision chosen by the official code (all three flags false = auto), transformers of the official release.
+RUNTIME_DEFAULTS: dict[str, Any] = {
+    "bf16": False, "fp16": False, "fp32": False, "use_flash_attn": "auto",
+    "use_dynamic_ntk": False, "use_logn_attn": False, "transformers_version": "4.32.0",
+}
+# everything else a source config holds is kept too, except the fields the model's own config decides
+_SHAPE_FIELDS = frozenset({
+    "hidden_size", "intermediate_size", "kv_channels", "layer_norm_epsilon", "max_position_embeddings",
+    "model_type", "num_attention_heads", "num_hidden_layers", "rotary_emb_base", "rotary_pct",
+    "tie_word_embeddings", "vocab_size", "torch_dtype", "seq_length", "visual",
+})
+_VISUAL_SHAPE_FIELDS = frozenset({"heads", "image_size", "image_start_id", "layers", "mlp_ratio", "output_dim",
+                                  "patch_size", "width", "n_queries"})
+# files of an official checkpoint directory that the export copies beside its weights: the tokenizer, the
+# remote code `auto_map` points at, generation defaults, the font the official grounding drawer uses,
+# the licence. Weights, indexes and config.json are never copied (the export writes its own).
+SOURCE_FILE_PATTERNS = ("*.py", "*.tiktoken", "*.ttf", "tokenizer_config.json", "generation_config.json",
+                        "special_tokens_map.json", "added_tokens.json", "LICENSE*", "NOTICE*")
+
+
+def export_config(cfg: QwenVLConfig, torch_dtype: str = "bfloat16", source: Mapping[str, Any] | None = None,
+                  seq_length: int | None = None) -> dict:
+    """The `config.json` of an export: the shape fields from `cfg` (`config_to_official`), every other field
+    from the `source` checkpoint's config.json (precision flags, `use_flash_attn`, `use_dynamic_ntk`,
+    `use_logn_attn`, `transformers_version`, `auto_map`, ...) or, without a source, `RUNTIME_DEFAULTS`.
+
+    seq_length: the length the run trained at (`data.seq_len`). The official code applies dynamic NTK and
+    logn scaling only beyond `seq_length`, so it must not be below what the model was trained on: the export
+    says max(source's seq_length, seq_length) -- a model fine-tuned at 8192 from Qwen-VL-Chat (2048) says
+    8192; one fine-tuned on shorter rows keeps the source's 2048. Neither known: 2048 (Qwen-VL-Chat's).
+    """
+    known = [int(v) for v in ((source or {}).get("seq_length"), seq_length) if v is not None]
+    if any(v <= 0 for v in known):
+        raise ValueError(f"seq_length must be positive, got {known}")
+    out = config_to_official(cfg, torch_dtype=torch_dtype, seq_length=max(known) if known else 2048)
+    if source is None:
+        out.update(RUNTIME_DEFAULTS)
+        return dict(sorted(out.items()))
+    if source.get("model_type") != OFFICIAL_MODEL_TYPE:
+        raise ValueError(f"source config: model_type {source.get('model_type')!r} is not {OFFICIAL_MODEL_TYPE!r} "
+                         "(Qwen-VL)")
+    for k, v in source.items():
+        if k not in _SHAPE_FIELDS:
+            out[k] = v
+    src_visual = source.get("visual") if isinstance(source.get("visual"), dict) else {}
+    out["visual"] = {**{k: v for k, v in src_visual.items() if k not in _VISUAL_SHAPE_FIELDS}, **out["visual"]}
+    for k, v in RUNTIME_DEFAULTS.items():  # an old source config may lack some: say what ours computes
+        out.setdefault(k, v)
+    return dict(sorted(out.items()))
+
+
+def _source_dir(path: str | os.PathLike) -> Path:
+    """`init.official` / `init.from_stage_dir` may name a checkpoint directory or a file inside one."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"export source {p}: no such file or directory")
+    return p if p.is_dir() else p.parent
+
+
+def _source_files(src: Path, exclude: set[str]) -> list[Path]:
+    """The tokenizer / code / generation files of a source checkpoint directory (top level only)."""
+    found: dict[str, Path] = {}
+    for pattern in SOURCE_FILE_PATTERNS:
+        for f in sorted(src.glob(pattern)):
+            if f.is_file() and f.name not in exclude and not f.name.startswith("."):
+                found.setdefault(f.name, f)
+    return list(found.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # key and tensor translation (pure functions)
 # ---------------------------------------------------------------------------------------------
@@ -335,16 +415,20 @@ class _Entry:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[list[Path], dict[str, str] | None]:
-    """A directory (index + shards, or a single model.safetensors), an index file, or a .safetensors file
-    -> (shard files in order, weight_map or None)."""
+    """A directory (index + shards, or a single file; safetensors preferred over `pytorch_model*.bin`, as
+    transformers does), an index file, a .safetensors file or a torch (.bin) file -> (shard files in order,
+    weight_map or None)."""
     p = Path(path)
     if p.is_dir():
-        if (p / INDEX_NAME).is_file():
-            p = p / INDEX_NAME
-        elif (p / SINGLE_NAME).is_file():
-            return [p / SINGLE_NAME], None
+        for name in (INDEX_NAME, SINGLE_NAME, BIN_INDEX_NAME, BIN_SINGLE_NAME):
+            if (p / name).is_file():
+                break
         else:
-            raise FileNotFoundError(f"{p}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+            raise FileNotFoundError(f"{p}: none of {INDEX_NAME}, {SINGLE_NAME}, {BIN_INDEX_NAME}, {BIN_SINGLE_NAME} "
+                                    "found")
+        if not name.endswith(".index.json"):
+            return [p / name], None
+        p = p / name
     if not p.is_file():
         raise FileNotFoundError(f"{p}: checkpoint not found")
     if p.name.endswith(".index.json"):
@@ -357,15 +441,52 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[list[Path], dict[str, s
             f = p.parent / name
             if not f.is_file():
                 raise FileNotFoundError(f"{p}: shard {name} listed in the index does not exist")
+            if f.suffix != ".safetensors" and f.suffix not in TORCH_SUFFIXES:
+                raise ValueError(f"{p}: shard {name} is neither .safetensors nor a torch file ({TORCH_SUFFIXES})")
             files.append(f)
         return files, wm
-    if p.suffix == ".safetensors":
+    if p.suffix == ".safetensors" or p.suffix in TORCH_SUFFIXES:
         return [p], None
-    raise ValueError(f"{p}: not a .safetensors file, an index file, or a checkpoint directory")
+    raise ValueError(f"{p}: not a .safetensors or torch (.bin) file, an index file, or a checkpoint directory")
+
+
+class _TorchShard:
+    """A weights-only torch shard behind the safetensors handle interface (keys, get_slice().get_shape(),
+    get_tensor), so the scan and the streaming copy treat both formats alike."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def get_slice(self, key: str) -> _TorchSlice:
+        return _TorchSlice(tuple(self._state[key].shape))
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self._state[key]
+
+
+@dataclass
+class _TorchSlice:
+    shape: tuple[int, ...]
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
 
 
 @contextmanager
-def _open_safetensors(f: Path) -> Iterator[Any]:
+def _open_shard(f: Path) -> Iterator[Any]:
+    """One checkpoint shard, open for the duration of the block: safetensors through `safe_open` (header and
+    lazily read tensors), a torch file through `torch.load(weights_only=True, mmap=True)` (no pickle code
+    runs; the tensors are file-backed, released when the block ends and the caller drops them)."""
+    if Path(f).suffix in TORCH_SUFFIXES:
+        shard = _TorchShard(_load_torch_state(Path(f)))
+        try:
+            yield shard
+        finally:
+            shard._state = {}
+        return
     try:
         handle = safe_open(str(f), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001 - the library raises its own error types; name the file
@@ -374,11 +495,15 @@ def _open_safetensors(f: Path) -> Iterator[Any]:
         yield h
 
 
-def _scan_safetensors(files: list[Path], weight_map: dict[str, str] | None) -> tuple[list[_Entry], list[str]]:
-    """Keys and shapes from the headers only (no tensor data read); index inconsistencies as problems."""
+_open_safetensors = _open_shard  # the older name (train/model/qwen2_vl/hf.py imports it)
+
+
+def _scan_shards(files: list[Path], weight_map: dict[str, str] | None) -> tuple[list[_Entry], list[str]]:
+    """Keys and shapes (safetensors: from the headers; torch: from the mmap-ed load, no data read);
+    index inconsistencies as problems."""
     entries, problems, seen = [], [], {}
     for f in files:
-        with _open_safetensors(f) as h:
+        with _open_shard(f) as h:
             for k in h.keys():
                 shape = tuple(h.get_slice(k).get_shape())
                 if k in seen:
@@ -392,6 +517,9 @@ def _scan_safetensors(files: list[Path], weight_map: dict[str, str] | None) -> t
                 where = f"found in {seen[k]}" if k in seen else "not in any shard"
                 problems.append(f"index lists {k} in {name} but it is {where}")
     return entries, problems
+
+
+_scan_safetensors = _scan_shards  # the older name (train/model/qwen2_vl/hf.py imports it)
 
 
 def _fmt_shape(s: tuple[int, ...] | torch.Size) -> str:
@@ -506,11 +634,11 @@ def _copy_into_partition(param: torch.Tensor, t: torch.Tensor) -> None:
         local.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
 
 
-def _stream_safetensors(
+def _stream_checkpoint(
     path: str | os.PathLike, targets: Mapping[str, torch.Tensor], translate: Translate, strict: bool
 ) -> LoadReport:
     files, wm = resolve_checkpoint(path)
-    entries, problems = _scan_safetensors(files, wm)
+    entries, problems = _scan_shards(files, wm)
     plan, report = _plan(entries, targets, translate, str(path), strict, problems)
     by_file: dict[str, list[tuple[_Entry, str, Transform | None]]] = {}
     for item in plan:
@@ -519,7 +647,7 @@ def _stream_safetensors(
         items = by_file.get(str(f), [])
         if not items:
             continue
-        with _open_safetensors(f) as h:
+        with _open_shard(f) as h:
             for e, name, fn in items:
                 t = h.get_tensor(e.key)
                 _copy_into(targets[name], fn(t) if fn is not None else t)
@@ -565,17 +693,18 @@ def _official_translate(vision_heads: int, llm_only: bool = False) -> Translate:
 # public loaders
 # ---------------------------------------------------------------------------------------------
 def load_official(model: nn.Module, path_or_dir: str | os.PathLike, strict: bool = True) -> LoadReport:
-    """Stream an official Qwen-VL checkpoint (dir with index + shards, or one model.safetensors) into
-    a `QwenVL`. strict: every model parameter must be filled and every checkpoint key used."""
+    """Stream an official Qwen-VL checkpoint (dir with index + shards, or one model.safetensors; or the same
+    as `pytorch_model*.bin`) into a `QwenVL`. strict: every model parameter must be filled and every
+    checkpoint key used."""
     targets = _params(model, "")
-    return _stream_safetensors(path_or_dir, targets, _official_translate(_vision_heads(model)), strict)
+    return _stream_checkpoint(path_or_dir, targets, _official_translate(_vision_heads(model)), strict)
 
 
 def load_qwen_llm(model: nn.Module, path_or_dir: str | os.PathLike, strict: bool = True) -> LoadReport:
     """Stream a Qwen-7B (text-only official HF layout) checkpoint into `model.llm` only.
     `transformer.visual.*` keys (a full Qwen-VL checkpoint) are ignored and reported in `ignored`."""
     targets = _params(model.llm, "llm.")
-    return _stream_safetensors(path_or_dir, targets, _official_translate(1, llm_only=True), strict)
+    return _stream_checkpoint(path_or_dir, targets, _official_translate(1, llm_only=True), strict)
 
 
 def _load_torch_state(path: Path) -> dict[str, torch.Tensor]:
@@ -623,9 +752,9 @@ def load_openclip_vision(model: nn.Module, path: str | os.PathLike, strict: bool
     if not p.is_file():
         raise FileNotFoundError(f"{p}: OpenCLIP checkpoint not found")
     if p.suffix == ".safetensors":
-        with _open_safetensors(p) as h:
+        with _open_shard(p) as h:
             keys = list(h.keys())
-        return _stream_safetensors(p, targets, make_translate(keys), strict)
+        return _stream_checkpoint(p, targets, make_translate(keys), strict)
     state = _load_torch_state(p)
     entries = [_Entry(k, str(p), tuple(v.shape)) for k, v in state.items()]
     plan, report = _plan(entries, targets, make_translate(list(state)), str(p), strict)
@@ -684,6 +813,8 @@ def export_official(
     max_shard_bytes: int = 5 * 2**30,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    source_dir: str | os.PathLike | None = None,
+    seq_length: int | None = None,
 ) -> Path:
     """Write an official-layout checkpoint: config.json + model-0000i-of-0000N.safetensors + index.
 
@@ -691,6 +822,13 @@ def export_official(
     checked against the config first (one error listing missing/unexpected/mis-shaped keys). dtype
     casts floating tensors (None keeps them). Atomic: written into a temp dir beside `out_dir` and
     renamed; an existing `out_dir` is an error unless overwrite=True.
+
+    source_dir: the checkpoint the weights started from (`init.official` / `init.from_stage_dir`; a
+    directory or a file in it). Its config.json's run-time fields are kept (`export_config`) and its
+    tokenizer and model code files (`SOURCE_FILE_PATTERNS`: qwen.tiktoken, tokenization_qwen.py,
+    modeling_qwen.py, visual.py, configuration_qwen.py, qwen_generation_utils.py, tokenizer_config.json,
+    generation_config.json, ...) are copied, so the export loads where the source loaded. seq_length: the
+    sequence length the run trained at (`data.seq_len`), see `export_config`.
     """
     if isinstance(model_or_state, nn.Module):
         cfg = cfg or model_or_state.cfg
@@ -714,7 +852,12 @@ def export_official(
     ]
     if problems:
         raise CheckpointMismatchError("export_official: state dict does not match the config:\n" + "\n".join(problems))
-    official_json = config_to_official(cfg)  # raises early if the config is not representable
+    src = _source_dir(source_dir) if source_dir is not None else None
+    src_config = _read_json(src / CONFIG_NAME) if src is not None and (src / CONFIG_NAME).is_file() else None
+    try:
+        export_config(cfg, source=src_config, seq_length=seq_length)  # raises early: not representable / bad
+    except ValueError as e:
+        raise ValueError(f"export_official: {e}" + (f" ({src / CONFIG_NAME})" if src_config else "")) from None
 
     heads = cfg.vision.heads
 
@@ -746,11 +889,12 @@ def export_official(
     n = len(shards)
     float_dtypes = {dtype or state[k].dtype for k in keys if state[k].is_floating_point()}
     only = float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32  # mixed: say float32
-    official_json["torch_dtype"] = _DTYPE_NAMES.get(only, "float32")
+    official_json = export_config(cfg, _DTYPE_NAMES.get(only, "float32"), src_config, seq_length)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: the export is meant to be read by others too
         weight_map = {}
         for i, shard_keys in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
@@ -761,6 +905,9 @@ def export_official(
         index = {"metadata": {"total_size": sum(size.values())}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         (tmp / CONFIG_NAME).write_text(json.dumps(official_json, indent=2) + "\n", encoding="utf-8")
+        if src is not None:
+            for f in _source_files(src, {p.name for p in tmp.iterdir()}):
+                shutil.copyfile(f, tmp / f.name)  # follows symlinks (HF cache snapshots are links)
         if out.exists():  # overwrite: swap via a rename so a crash never leaves out_dir half-written
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -9,9 +9,9 @@ ignores targets crossing a packed-segment boundary.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapter import Adapter
@@ -20,15 +20,46 @@ from .llm import KVCache, QwenLM
 from .loss import IGNORE_INDEX
 from .vision import VisionTower
 
+# CLIP mean/std of the pixel normalisation: the same numbers as data.images.OPENAI_DATASET_MEAN / _STD (the
+# model package must not import data/; tests/test_images.py keeps the two copies equal).
+PIXEL_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+PIXEL_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+_PIXEL_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-@dataclass
-class ModelOutput:
-    loss: torch.Tensor | None = None  # mean CE over valid target tokens (fp32)
-    loss_sum: torch.Tensor | None = None  # sum of CE over valid tokens (fp32)
-    n_tokens: torch.Tensor | None = None  # number of valid target tokens (Long)
-    row_loss_sum: torch.Tensor | None = None  # [B] per-row CE sums (for per-task logging)
-    row_n_tokens: torch.Tensor | None = None  # [B] per-row valid token counts
-    logits: torch.Tensor | None = None  # [B,T,V], only when labels is None
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, S, S] -> fp32 CLIP-normalised on the pixels' device (the ops of data.images.normalize,
+    bit-identical). The [3,1,1] constants are copied to a device once per process, not per call."""
+    stats = _PIXEL_STATS.get(pixels.device)
+    if stats is None:
+        stats = tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1).to(pixels.device) for v in (PIXEL_MEAN,
+                                                                                                     PIXEL_STD))
+        _PIXEL_STATS[pixels.device] = stats
+    t = pixels.to(torch.float32).div(255)
+    return t.sub_(stats[0]).div_(stats[1])
+
+
+class ModelOutput(dict):
+    """The model's outputs, read as attributes. A dict (not a dataclass) because DeepSpeed's ZeRO-3 module
+    hooks find the tensors inside tuples, lists and dicts only; inside any other type they warn and skip them.
+
+    loss: mean CE over valid target tokens (fp32); loss_sum: its sum; n_tokens: valid target tokens (Long);
+    row_loss_sum / row_n_tokens: [B] per-row sums and counts (per-task logging); logits: [B,T,V] when no labels.
+    """
+
+    FIELDS = ("loss", "loss_sum", "n_tokens", "row_loss_sum", "row_n_tokens", "logits")
+
+    def __init__(self, **values: torch.Tensor | None) -> None:
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"ModelOutput: unknown field(s) {sorted(unknown)}")
+        super().__init__({k: values.get(k) for k in self.FIELDS})
+
+    def __getattr__(self, name: str) -> torch.Tensor | None:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _requires_grad(m: nn.Module) -> bool:
@@ -76,8 +107,14 @@ class QwenVL(nn.Module):
             self.visual.set_grad_checkpointing(enabled)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixels [N,3,S,S] -> [N, n_queries, hidden]. A frozen tower runs without an autograd graph."""
+        """pixels [N,3,S,S] -> [N, n_queries, hidden]. A frozen tower runs without an autograd graph.
+
+        ``uint8`` pixels (what the data pipeline delivers: resized, not normalised) are moved to the device as
+        they are (a quarter of the fp32 bytes) and CLIP-normalised there; float pixels are taken as already
+        normalised (callers and tests that build their own tensors)."""
         p = next(self.visual.parameters())
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels(pixel_values.to(p.device, non_blocking=True))
         pixel_values = pixel_values.to(device=p.device, dtype=p.dtype)
         if _requires_grad(self.visual):
             feats = self.visual(pixel_values)
@@ -87,7 +124,11 @@ class QwenVL(nn.Module):
         return self.adapter(feats)
 
     def _image_slots(self, input_ids: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Validate image spans; return (rows, cols) [N, n_queries] of the slot positions in row-major order."""
+        """Validate image spans; return (rows, cols) [N, n_queries] of the slot positions in row-major order.
+
+        Host syncs (``nonzero``, ``int``, ``bool``): the training forward calls it only with
+        ``cfg.debug_checks`` (the data pipeline validates every sample on the host instead:
+        ``data.packing.check_sample``); ``_slot_mask`` places the features without syncs."""
         ids, q = self.cfg.ids, self.cfg.adapter.n_queries
         B, T = input_ids.shape
         starts = (input_ids == ids.img_start).nonzero()  # row-major order
@@ -117,14 +158,30 @@ class QwenVL(nn.Module):
         cols = pos[:, None] + 1 + torch.arange(q, device=input_ids.device)
         return rows[:, None].expand(-1, q), cols
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with adapter outputs written into the image slots."""
+    def _slot_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B,T] bool: the ``n_queries`` positions after every ``<img>``, without a host sync (cumsum of the
+        ``<img>`` indicator: position t is a slot iff an ``<img>`` lies in [t - q, t - 1])."""
+        q, T = self.cfg.adapter.n_queries, input_ids.shape[1]
+        c = (input_ids == self.cfg.ids.img_start).to(torch.int32).cumsum(1)
+        before = F.pad(c, (1, 0))[:, :T]  # starts at positions <= t - 1
+        too_far = F.pad(c, (q + 1, 0))[:, :T]  # starts at positions <= t - 1 - q
+        return before > too_far
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     check: bool | None = None) -> torch.Tensor:
+        """Token embeddings with adapter outputs written into the image slots (row-major image order).
+
+        ``check`` (default ``cfg.debug_checks``): validate the image spans against ``pixel_values`` first
+        (host syncs; training batches are validated by the data pipeline). Unchecked, the features go into the
+        slots by a masked scatter, which needs no host sync."""
         embeds = self.llm.embed(input_ids)
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        rows, cols = self._image_slots(input_ids, n_images)
+        if self.cfg.debug_checks if check is None else check:
+            self._image_slots(input_ids, n_images)
         if n_images > 0:
             feats = self.encode_images(pixel_values)
-            embeds = embeds.index_put((rows, cols), feats.to(embeds.dtype))
+            mask = self._slot_mask(input_ids)[..., None]
+            embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
         elif torch.is_grad_enabled() and (self.always_run_image_path or _requires_grad(self.visual)
                                           or _requires_grad(self.adapter)):
             # No image here, but trainable vision/adapter params must still get (zero) gradients so a
@@ -154,10 +211,12 @@ class QwenVL(nn.Module):
             return ModelOutput(logits=self.llm.logits(hidden))
         B, T, H = hidden.shape
         targets = shift_targets(labels, segment_ids)
-        per_tok = self.llm.lm_head(hidden.reshape(B * T, H), targets.reshape(-1), self.cfg.loss_chunk_tokens)
-        row_loss_sum = per_tok.view(B, T).sum(1)
+        head = self.llm.lm_head(hidden.reshape(B * T, H), targets.reshape(-1), self.cfg.loss_chunk_tokens,
+                                self.cfg.loss_impl)
+        loss_sum = head.loss_sum  # differentiable; the per-token losses are a detached side output
+        row_loss_sum = None if head.per_token is None else head.per_token.view(B, T).sum(1)
         row_n = (targets != IGNORE_INDEX).sum(1)
-        loss_sum, n = row_loss_sum.sum(), row_n.sum()
+        n = row_n.sum()
         return ModelOutput(
             loss=loss_sum / n.clamp(min=1),
             loss_sum=loss_sum,
@@ -191,7 +250,7 @@ class QwenVL(nn.Module):
             seg = attention_mask.long()
             pos = (seg.cumsum(1) - 1).clamp(min=0)
         cache = KVCache(len(self.llm.h))
-        embeds = self.embed_inputs(input_ids, pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values, check=True)  # user prompts: a clear error, not garbage
         hidden = self.llm(embeds, position_ids=pos, segment_ids=seg, kv_cache=cache)
         next_pos = pos[:, -1:] + 1 if pos is not None else None
         out, done = [], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
