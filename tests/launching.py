@@ -24,7 +24,13 @@ def clean_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     return env
 
 
+# The per-test timeouts guard against hangs (a collective that never completes), not against slowness: on a
+# loaded machine a 2-process run can take several times its idle time, so no run is cut before this.
+HANG_TIMEOUT = float(os.environ.get("QWENVL_TEST_HANG_TIMEOUT", "900"))
+
+
 def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    timeout = max(timeout, HANG_TIMEOUT)
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
