@@ -17,7 +17,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.tasks import TASKS
-from train.flops import FlopsModel, mfu  # noqa: F401
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 
