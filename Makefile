@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/attention.py
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/step.py --quick
+	$(PY) bench/qwen2_vl_step.py --quick
 
 # packed training step vs the official code's padded step: tokens/s, FLOP/s, MFU, memory at 2k/8k/32k
 bench-step: setup

@@ -2,6 +2,7 @@
 
   python -m data.clean INPUT [INPUT ...] --out DIR [--config cfg.json] [--set key=value ...]
                        [--clip-model NAME --clip-pretrained TAG_OR_PATH --clip-threshold X]
+                       [--layout img2dataset [--caption-from txt|json:FIELD] [--task T] [--lang en|zh]]
 
 INPUT is a shard directory (its manifest.json, else its *.tar files), a manifest.json, a brace pattern
 ("shards/pretrain-{000000..000009}.tar") or a single .tar. Kept samples are written with
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from data.cleaning import Cleaner, CleaningConfig, CleaningReport
+from data.layouts import LAYOUTS, Layout, make_layout
 from data.loader import _READ_ERRORS, RawSample, _parse_group, _Shard  # the loader's reader: same skips
 from data.sanity import sample_problem
 from data.shards import MANIFEST, ShardError, ShardWriter
@@ -79,8 +81,11 @@ def _from_manifest(path: Path) -> list[str]:
     return [n if os.path.isabs(n) else str(path.parent / n) for n in names]
 
 
-def iter_inputs(paths: list[str], report: CleaningReport) -> Iterator[tuple[str, dict[str, Any], dict[str, bytes]]]:
-    """(key, meta, {member_ext: bytes}) of every readable sample; the rest is counted in `report.skipped`."""
+def iter_inputs(paths: list[str], report: CleaningReport, layout: Layout | None = None,
+                source: str = "clean") -> Iterator[tuple[str, dict[str, Any], dict[str, bytes]]]:
+    """(key, meta, {member_ext: bytes}) of every readable sample; the rest is counted in `report.skipped`.
+    `layout`: the inputs' shard layout (data.layouts; None = the project's), read as training reads it;
+    `source`: the dataset name img2dataset samples get as their ``source`` field."""
     for url in paths:
         try:
             shard = _Shard(url)
@@ -92,7 +97,7 @@ def iter_inputs(paths: list[str], report: CleaningReport) -> Iterator[tuple[str,
                 if ev[0] == "bad":  # ("bad", reason, member, detail)
                     report.skip(ev[1], url, ev[2], ev[3])
                     continue
-                s = _parse_group(shard, ev[1], ev[2], "clean", index)
+                s = _parse_group(shard, ev[1], ev[2], source, index, layout)
                 if not isinstance(s, RawSample):  # (reason, member, detail)
                     report.skip(s[0], url, s[1], s[2])
                     continue
@@ -180,8 +185,10 @@ def build_config(config_path: str | None, sets: list[str], clip_model: str | Non
 
 
 def clean_shards(inputs: list[str], out_dir: str, cfg: CleaningConfig | None = None, prefix: str = "clean",
-                 max_bytes: int = 1 << 30, max_samples: int = 10_000, batch_size: int = 64) -> dict[str, Any]:
+                 max_bytes: int = 1 << 30, max_samples: int = 10_000, batch_size: int = 64,
+                 layout: Layout | None = None, source: str = "clean") -> dict[str, Any]:
     """Clean `inputs` into `out_dir`; returns the report dict (also written to out_dir/cleaning_report.json).
+    `layout` / `source`: see ``iter_inputs`` (img2dataset shards come out in the project's layout).
 
     Everything is written to a temporary sibling of `out_dir` first and published by rename when complete;
     on any error the temporary directory is removed and `out_dir` is left untouched."""
@@ -208,7 +215,7 @@ def clean_shards(inputs: list[str], out_dir: str, cfg: CleaningConfig | None = N
             batch.clear()
 
         with writer:  # an exception aborts the open shard and writes no manifest
-            for item in iter_inputs(paths, report):
+            for item in iter_inputs(paths, report, layout, source):
                 batch.append(item)
                 if len(batch) >= batch_size:
                     flush()
@@ -237,9 +244,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clip-model", help="OpenCLIP architecture name, enables the CLIP-score filter")
     ap.add_argument("--clip-pretrained", help="OpenCLIP pretrained tag or local checkpoint path")
     ap.add_argument("--clip-threshold", type=float)
+    ap.add_argument("--layout", choices=LAYOUTS, default="qwenvl",
+                    help="input shard layout: qwenvl (KEY.json with task/lang) or img2dataset (KEY.jpg + KEY.txt + "
+                         "KEY.json, as LAION/DataComp/COYO downloads are)")
+    ap.add_argument("--caption-from", default="txt", help="img2dataset: caption from txt or json:FIELD")
+    ap.add_argument("--task", default="caption", help="img2dataset: task of every sample")
+    ap.add_argument("--lang", choices=("en", "zh"), help="img2dataset: language of every sample (default: detected)")
+    ap.add_argument("--source", default="img2dataset", help="img2dataset: dataset name written as 'source'")
     args = ap.parse_args(argv)
+    try:
+        layout = make_layout(args.source, args.layout, args.caption_from, args.task, args.lang)
+    except ValueError as e:
+        ap.error(str(e))
     cfg = build_config(args.config, args.set, args.clip_model, args.clip_pretrained, args.clip_threshold)
-    rep = clean_shards(args.inputs, args.out, cfg, args.prefix, args.max_bytes, args.max_samples, args.batch_size)
+    rep = clean_shards(args.inputs, args.out, cfg, args.prefix, args.max_bytes, args.max_samples, args.batch_size,
+                       layout, args.source if layout is not None else "clean")
     removed = {k: v for k, v in rep["removed"].items() if v}
     print(f"input {rep['input']}  kept {rep['kept']}  removed {rep['removed_total']} {removed}  "
           f"skipped (unreadable) {rep['skipped_total']} {rep['skipped']}")

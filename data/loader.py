@@ -52,9 +52,12 @@ from pathlib import Path
 from typing import Any
 
 import torch.utils.data
-from webdataset import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
+
+from data import remote
+from data.layouts import Layout, convert_img2dataset, layout_from_dict, make_layout
+from data.sanity import key_problem
 
 logger = logging.getLogger(__name__)
 _STRIDING_SAID: set[tuple[str, int, int]] = set()
@@ -80,52 +83,85 @@ class RawSample:
     source: str  # name of the source (mixing) it came from
     url: str  # shard path / url
     index: int  # ordinal of the sample's group within the shard (its location for resume)
+    layout: dict[str, Any] | None = None  # the source's non-default shard layout (data.layouts.Layout.to_dict)
 
     def ref(self) -> list[Any]:
-        """JSON-able location used to re-read this sample after a restart."""
-        return [self.source, self.url, self.index, self.key]
+        """JSON-able location used to re-read this sample after a restart (+ the layout to parse it with,
+        only when the source declares one: references of default-layout sources keep their 4 fields)."""
+        base: list[Any] = [self.source, self.url, self.index, self.key]
+        return base if self.layout is None else [*base, dict(self.layout)]
 
 
 # ----------------------------------------------------------------------------------------- sources
 
 
 def expand_source(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard list from a brace pattern (``/d/cc-{000000..000123}.tar``, ``::``-joined lists),
-    a directory (its ``manifest.json`` if present, else its ``*.tar`` sorted), a manifest path,
-    a single shard, or a list of any of these."""
+    """Shard list from a brace pattern (``/d/cc-{000000..000123}.tar``, ``https://h/cc-{0..9}.tar``,
+    ``pipe:CMD``, ``::``-joined lists), a directory (its ``manifest.json`` if present, else its ``*.tar``
+    sorted), a manifest path or url, a single shard, or a list of any of these.
+
+    The spec is the user's own (config / command line): ``pipe:`` urls expanded from it are trusted to run
+    (``data.remote.trust_pipe``); ones read from a manifest are refused (``_manifest_shards``)."""
     if not isinstance(spec, (str, os.PathLike)):  # any sequence (list, tuple, OmegaConf ListConfig)
         return [u for s in spec for u in expand_source(s)]
     s = os.fspath(spec)
-    if os.path.isdir(s):
+    if os.path.isdir(s) and not remote.is_pipe(s):  # "pipe:..." is a command, even where a directory is so named
         manifest = os.path.join(s, "manifest.json")
         if os.path.isfile(manifest):
             return _manifest_shards(manifest)
-        shards = sorted(str(p) for p in Path(s).glob("*.tar"))
+        # "./" keeps a file named "pipe:..." (or "x://...") in a relative directory a local path, not a url
+        shards = sorted(p if remote.local_path(p) == p else os.path.join(".", p)
+                        for p in map(str, Path(s).glob("*.tar")))
         if not shards:
             raise LoaderError(f"{s}: directory has no manifest.json and no *.tar shards")
         return shards
-    if s.endswith(".json"):
+    if s.endswith(".json") and not remote.is_pipe(s):  # "pipe:cat x.json" is a command too
         return _manifest_shards(s)
-    return list(expand_urls(s))
+    urls = list(expand_urls(s))
+    for u in urls:
+        if remote.is_pipe(u):
+            remote.trust_pipe(u)  # written by the user (config / command line): allowed to run
+            continue
+        try:
+            remote.check_url(u)  # an unknown scheme or a missing store package fails now, not per shard
+        except (ImportError, ValueError) as e:
+            raise LoaderError(f"shard spec {s!r}: {e}") from e
+    return urls
 
 
 def _manifest_shards(path: str) -> list[str]:
+    """Shard urls listed by a manifest (a local path, a ``file://`` or a remote url); relative entries are
+    resolved against the manifest's directory (on the same server / bucket for a remote manifest)."""
+    local = remote.local_path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        if local is not None:
+            with open(local, encoding="utf-8") as f:
+                manifest = json.load(f)
+        else:
+            remote.check_url(path)
+            manifest = json.loads(remote.read_bytes(path).decode("utf-8"))
+    except (OSError, ImportError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise LoaderError(f"{path}: cannot read shard manifest: {e}") from e
     entries = manifest.get("shards") if isinstance(manifest, dict) else manifest
     if not isinstance(entries, list) or not entries:
         raise LoaderError(f"{path}: manifest has no non-empty 'shards' list")
-    base = os.path.dirname(os.path.abspath(path))
+    base = os.path.dirname(os.path.abspath(local)) if local is not None else None
     out = []
     for i, e in enumerate(entries):
         name = e if isinstance(e, str) else next((e[k] for k in ("path", "name", "file", "url") if k in e), None)
         if not isinstance(name, str):
             raise LoaderError(f"{path}: shards[{i}] has no path/name/file/url string: {e!r}")
-        out.append(name if os.path.isabs(name) or "://" in name or name.startswith("pipe:")
-                   else os.path.join(base, name))
+        if remote.is_pipe(name):
+            # A manifest ships with the data, so whoever wrote the dataset would choose a shell command run
+            # on this machine. Only pipe: is refused: other entries (absolute paths, urls) are only read.
+            raise LoaderError(f"{path}: shards[{i}] is a pipe: command ({name!r}); pipe: shards are accepted "
+                              "only from your own config or command line (data.sources.N.shards), never from "
+                              "a manifest")
+        if base is None:
+            out.append(remote.join(path, name))
+        else:  # urls stay urls; relative names become absolute paths (so none can read as a pipe:/url)
+            out.append(name if os.path.isabs(name) or remote.scheme(name) is not None
+                       else os.path.join(base, name))
     return out
 
 
@@ -137,18 +173,21 @@ _READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
 class _Shard:
     """Iterates one shard as events: ("group", key, members) or ("bad", reason, member, detail).
 
-    Local files are opened seekable, so skipping groups reads only tar headers; other urls go through
-    webdataset's ``gopen`` as a stream (members are then read eagerly)."""
+    Local files (plain paths, ``file://``) are opened seekable, so skipping groups reads only tar headers;
+    other urls go through ``data.remote.open_url`` (timeout, retries from the byte offset reached, pipe: only
+    when trusted) as a stream: members are then read eagerly, and resuming mid-shard reads through the
+    groups already consumed."""
 
     def __init__(self, url: str):
         self.url = url
-        self._local = "://" not in url and not url.startswith("pipe:")
-        if self._local:
-            self._fobj = open(url, "rb")
-            self._tf = tarfile.open(fileobj=self._fobj, mode="r:")
-        else:
-            self._fobj = gopen.gopen(url, "rb")
-            self._tf = tarfile.open(fileobj=self._fobj, mode="r|")
+        path = remote.local_path(url)
+        self._local = path is not None
+        self._fobj = open(path, "rb") if path is not None else remote.open_url(url)
+        try:
+            self._tf = tarfile.open(fileobj=self._fobj, mode="r:" if self._local else "r|")
+        except BaseException:
+            self._fobj.close()  # not a tar: do not leak the file / connection / child process
+            raise
 
     def close(self) -> None:
         try:
@@ -169,13 +208,20 @@ class _Shard:
         # tarfile treats a partial header at offset > 0 as end of archive; a complete tar ends with
         # two zero blocks at tf.offset, so anything else means the file was cut.
         if not self._local:
-            return False
+            # A stream cannot seek back: read it to its end instead. That also makes the reader check what
+            # only the end tells (an HTTP body shorter than its Content-Length, a pipe: command's exit
+            # status: RemoteError), and the archive must reach past both end blocks at tf.offset.
+            s = self._tf.fileobj  # tarfile's stream wrapper: its tell() counts the bytes read
+            while s.read(1 << 16):
+                pass
+            return s.tell() < self._tf.offset + 1024
         self._fobj.seek(self._tf.offset)
         tail = self._fobj.read(1024)
         return len(tail) < 1024 or tail.count(0) != 1024
 
     def events(self) -> Iterator[tuple]:
         key, members, last = None, [], None
+        reason = "truncated_tar"
         try:
             for ti in self._tf:
                 last = ti.name
@@ -194,16 +240,24 @@ class _Shard:
             error = "archive ends without end-of-archive blocks" if self._truncated_at_end() else None
         except _READ_ERRORS as e:
             error = f"{type(e).__name__}: {e}"
+            # a remote read that failed through every retry: the shard is unreadable (from here on), not cut
+            reason = "unreadable_shard" if isinstance(e, remote.RemoteError) else "truncated_tar"
         # On a cut the pending group is still offered: parsing re-validates it (a truncated member fails
         # to read, a lost json/image is missing), so only complete samples survive.
         if members:
             yield ("group", key, members)
         if error is not None:
-            yield ("bad", "truncated_tar", last or "<header>", error)
+            yield ("bad", reason, last or "<header>", error)
 
 
-def _parse_group(shard: _Shard, key: str, members: list, source: str, index: int) -> RawSample | tuple:
-    """A RawSample, or (reason, member_name, detail) when the group is unusable."""
+def _parse_group(shard: _Shard, key: str, members: list, source: str, index: int,
+                 layout: Layout | None = None) -> RawSample | tuple:
+    """A RawSample, or (reason, member_name, detail) when the group is unusable. `layout`: the source's
+    declared shard layout (data.layouts; None = the project's own), converted to the project's here so
+    everything downstream (training, cleaning, re-reading by reference) sees one layout."""
+    bad_key = key_problem(key)  # "../x" or "/abs/x" would escape any directory a tool writes samples to
+    if bad_key:
+        return ("bad_member_name", f"{key}.*", bad_key)
     files: dict[str, bytes] = {}
     meta_raw = None
     for m in members:
@@ -218,6 +272,12 @@ def _parse_group(shard: _Shard, key: str, members: list, source: str, index: int
             meta_raw = data
         else:
             files[ext] = data
+    if layout is not None:
+        conv = convert_img2dataset(key, meta_raw, files, layout, source)
+        if len(conv) == 3:
+            return conv
+        return RawSample(key=key, meta=conv[0], files=conv[1], source=source, url=shard.url, index=index,
+                         layout=layout.to_dict())
     if meta_raw is None:
         return ("missing_json", f"{key}.json", f"sample {key!r} has members {[m[0] for m in members]} but no json")
     try:
@@ -234,7 +294,7 @@ def _parse_group(shard: _Shard, key: str, members: list, source: str, index: int
 
 
 def read_refs(refs: Sequence[Sequence[Any]]) -> list[RawSample]:
-    """Re-read samples from their saved references ``[source, url, index, key]`` (in the given order);
+    """Re-read samples from their saved references ``[source, url, index, key(, layout)]`` (in the given order);
     each shard is opened once and scanned only up to the largest index needed."""
     by_url: dict[str, dict[int, list[Any]]] = {}
     for r in refs:
@@ -246,8 +306,10 @@ def read_refs(refs: Sequence[Sequence[Any]]) -> list[RawSample]:
             last = max(wanted)
             for idx, ev in enumerate(shard.events()):
                 if idx in wanted and ev[0] == "group":
-                    src, _, _, key = wanted[idx]
-                    s = _parse_group(shard, ev[1], ev[2], src, idx)
+                    r = wanted[idx]
+                    src, key = r[0], r[3]
+                    layout = layout_from_dict(r[4]) if len(r) > 4 else None  # see RawSample.ref
+                    s = _parse_group(shard, ev[1], ev[2], src, idx, layout)
                     if not isinstance(s, RawSample) or s.key != key:
                         raise LoaderError(f"{url}: saved sample #{idx} {key!r} cannot be re-read "
                                           f"({s if not isinstance(s, RawSample) else 'key is now ' + s.key}); "
@@ -328,7 +390,8 @@ class ShardStream:
     def __init__(self, shards: str | os.PathLike | Sequence[str | os.PathLike], *, name: str = "default",
                  seed: int = 0, epochs: int | None = 1, buffer_size: int = 0, shuffle_shards: bool = True,
                  rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
-                 strict: bool = False):
+                 strict: bool = False, layout: Layout | None = None):
+        self.layout = layout  # data.layouts: None = the project's own shard layout
         self.urls = expand_source(shards)
         if not self.urls:
             raise LoaderError(f"source {name!r}: empty shard list from {shards!r}")
@@ -354,6 +417,9 @@ class ShardStream:
         self._ref_cache: deque[RawSample] = deque()
         self._start_epoch(0)
         self.yielded = 0
+        # samples yielded by the last complete (not re-split) epoch: the size of a pass, which a consumer
+        # downstream (data.pipeline) uses to tell "no usable sample in a whole pass"; None until one ends
+        self.last_pass: int | None = None
 
     # ---- order ----
     def shard_order(self, epoch: int) -> list[str]:
@@ -450,7 +516,7 @@ class ShardStream:
             if ev[0] == "bad":
                 self._skip(ev[1], url, ev[2], ev[3])
                 continue
-            s = _parse_group(self._shard, ev[1], ev[2], self.name, idx)
+            s = _parse_group(self._shard, ev[1], ev[2], self.name, idx, self.layout)
             if isinstance(s, RawSample):
                 return s
             self._skip(s[0], url, s[1], s[2])
@@ -487,6 +553,8 @@ class ShardStream:
             if self.epochs is None and self.epoch_fed == 0:
                 raise LoaderError(f"source {self.name!r}: consumer {self.consumer} got no usable sample in a "
                                   f"whole epoch (skipped: {self.skipped}); refusing to cycle forever")
+            if self._resplit is None:
+                self.last_pass = self.epoch_fed
             self._start_epoch(self.epoch + 1)
 
     def _out(self, s: RawSample) -> RawSample:
@@ -498,7 +566,9 @@ class ShardStream:
         return {"name": self.name, "shards_sha1": hashlib.sha1("\n".join(self.urls).encode()).hexdigest(),
                 "n_shards": len(self.urls), "seed": self.seed, "epochs": self.epochs,
                 "buffer_size": self.buffer_size, "shuffle_shards": self.shuffle_shards, "rank": self.rank,
-                "world_size": self.world_size, "worker": self.worker, "num_workers": self.num_workers}
+                "world_size": self.world_size, "worker": self.worker, "num_workers": self.num_workers,
+                # only when declared: states of default-layout sources keep their fingerprint
+                **({"layout": self.layout.to_dict()} if self.layout is not None else {})}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: position + shuffle-buffer references + RNG state (+ the explicit plan of
@@ -704,11 +774,21 @@ def _close(a: Any, b: Sequence[float]) -> bool:
 
 @dataclass
 class SourceSpec:
-    """One named shard set with its mixing weight."""
+    """One named shard set with its mixing weight and shard layout (data.layouts)."""
 
     name: str
     shards: str | list[str]
     weight: float = 1.0
+    layout: str = "qwenvl"  # qwenvl | img2dataset
+    caption_from: str = "txt"  # img2dataset: txt | json:FIELD
+    task: str = "caption"  # img2dataset: the task of every sample
+    lang: str | None = None  # img2dataset: en | zh | None (detected per sample)
+
+    def shard_layout(self) -> Layout | None:
+        try:
+            return make_layout(self.name, self.layout, self.caption_from, self.task, self.lang)
+        except ValueError as e:
+            raise LoaderError(str(e)) from None
 
 
 def build_stream(sources: str | Sequence[SourceSpec | dict[str, Any]], *, seed: int = 0,
@@ -723,8 +803,9 @@ def build_stream(sources: str | Sequence[SourceSpec | dict[str, Any]], *, seed: 
     common = dict(seed=seed, buffer_size=buffer_size, shuffle_shards=shuffle_shards, rank=rank,
                   world_size=world_size, worker=worker, num_workers=num_workers, strict=strict)
     if len(specs) == 1:
-        return ShardStream(specs[0].shards, name=specs[0].name, epochs=epochs, **common)
-    streams = [ShardStream(s.shards, name=s.name, epochs=None, **common) for s in specs]
+        return ShardStream(specs[0].shards, name=specs[0].name, epochs=epochs, layout=specs[0].shard_layout(),
+                           **common)
+    streams = [ShardStream(s.shards, name=s.name, epochs=None, layout=s.shard_layout(), **common) for s in specs]
     return MixedStream(streams, [s.weight for s in specs], seed=seed, rank=rank, worker=worker)
 
 

@@ -60,6 +60,7 @@ class SampleSkipped:
     url: str
     index: int
     detail: str
+    source: str = ""  # the source (data.loader.SourceSpec name) the sample came from
 
 
 _worker_pid: int | None = None
@@ -102,7 +103,7 @@ class SampleMapper:
                 raise SampleError(f"{raw.url}: sample {raw.key!r} (#{raw.index}, source {raw.source!r}): "
                                   f"{reason}: {e}") from None
             detail = str(getattr(e, "message", None) or e)
-            return SampleSkipped(reason, raw.key, raw.url, raw.index, detail)
+            return SampleSkipped(reason, raw.key, raw.url, raw.index, detail, raw.source)
         if not getattr(s, "ref", None):
             s.ref = raw.ref()
         return s
@@ -132,6 +133,45 @@ class _SkipLog:
         self._last = now
 
 
+class _DryWatch:
+    """Stops an infinite stream that yields nothing: when every source has gone a whole pass (as many samples as
+    its last complete epoch yielded) without one sample the builder accepts, it raises LoaderError naming the
+    sources and the skip counts instead of cycling (and spinning) forever. The loader itself catches the
+    same at its level (a whole epoch without a readable group); this catches samples that read fine but
+    that the builder refuses, e.g. shards of another layout (``missing_key: metadata has no 'task'``)."""
+
+    def __init__(self, stream: ShardStream | MixedStream, stats: Callable[[], dict[str, Any]]):
+        self.streams = {s.name: s for s in (stream.streams if isinstance(stream, MixedStream) else [stream])}
+        self.stats = stats
+        self.since: Counter[str] = Counter()  # samples of each source since its last usable one
+        self.warned: set[str] = set()
+
+    def usable(self, sample: Any) -> None:
+        ref = getattr(sample, "ref", None)
+        if ref:
+            self.since[ref[0]] = 0
+            self.warned.discard(ref[0])
+
+    def _dry(self, name: str) -> bool:
+        st = self.streams.get(name)
+        return st is not None and st.epochs is None and st.last_pass is not None and self.since[name] >= st.last_pass
+
+    def skipped(self, name: str) -> None:
+        self.since[name] += 1
+        if not self._dry(name):
+            return
+        if all(self._dry(n) for n in self.streams):
+            raise LoaderError(
+                f"no usable sample for a whole pass over the data: source(s) {sorted(self.streams)} gave "
+                f"{dict(self.since)} samples in a row that were all skipped (skipped by reason so far: "
+                f"{self.stats()['skipped']}); check the shards' layout (data.sources[*].layout: qwenvl | "
+                "img2dataset) and the first skip warning above")
+        if name not in self.warned:
+            self.warned.add(name)
+            logger.warning("source %r: no usable sample in a whole pass (%d skipped in a row; skipped so far: %s); "
+                           "its share of the mixture is wasted", name, self.since[name], self.stats()["skipped"])
+
+
 class StageStream:
     """Iterator of collated batches (DESIGN.md "Batches") with exact ``state_dict``/``load_state_dict``.
 
@@ -158,6 +198,7 @@ class StageStream:
         self.counters: Counter[str] = Counter({"samples": 0, "rows": 0, "real_tokens": 0, "slots": 0,
                                                "batches": 0})
         self._gen: Iterator[dict[str, Any]] | None = None
+        self._dry = _DryWatch(loader.stream, self.stats)
 
     # ---- the family's packing and batch layout (data/qwen2_vl_stream.py overrides these two) ----
     def _new_packer(self, buffer_size: int, same_task: bool) -> Packer:
@@ -181,7 +222,9 @@ class StageStream:
         for item in src:
             if isinstance(item, SampleSkipped):
                 self._skips(item)
+                self._dry.skipped(item.source)
                 continue
+            self._dry.usable(item)
             return item
         return None
 

@@ -23,18 +23,20 @@ from train.model.config import get_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL = {"stage1_pretrain", "stage2_multitask", "stage3_sft"}
+FULL_QWEN2_VL = {"qwen2_vl_stage1_pretrain", "qwen2_vl_stage2_multitask", "qwen2_vl_stage3_sft"}
 DEMO = {"demo_stage1", "demo_stage2", "demo_stage3", "demo_lora"}
 FINETUNE = {"finetune_lora", "finetune_qlora", "finetune_full"}
 
 
 def test_every_recipe_composes_and_validates(monkeypatch):
-    assert FULL | DEMO | FINETUNE <= set(list_recipes())
+    assert FULL | FULL_QWEN2_VL | DEMO | FINETUNE <= set(list_recipes())
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # finetune_qlora is CUDA-only
     for r in list_recipes():
         finetune = r in FINETUNE or r.startswith("finetune_")
-        extra = ["data.root=/data"] if r in FULL or finetune else []
+        full = r in FULL | FULL_QWEN2_VL or finetune  # real-scale recipes: need data.root, a world of 8 GPUs
+        extra = ["data.root=/data"] if full else []
         extra += ["init.official=/ckpt/qwen-vl-chat"] if finetune else []
-        ws = 8 if r in FULL or finetune else 1
+        ws = 8 if full else 1
         cfg = load_config([f"recipe={r}", *extra], world_size=ws)
         assert cfg.run_name == r
 

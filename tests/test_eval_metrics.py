@@ -108,6 +108,56 @@ def test_caption_scores_with_ptb_tokenizer():
     assert M.split_cjk("一只cat在睡觉。") == "一 只 cat 在 睡 觉 。"
 
 
+# pycocoevalcap's own example (example/coco_eval_example.py, the cocoEvalCapDemo notebook of tylin/coco-caption):
+# COCO(annotations) -> coco.loadRes(results) -> COCOEvalCap(coco, res).evaluate(). Image 1 is the notebook's shown
+# case (its 5 ground-truth captions and the fake generated caption); the other two are ours, so that n-grams have
+# document frequencies below the image count (CIDEr-D's idf is 0 on a single image).
+COCO_EXAMPLE = {
+    1: (["A train traveling down tracks next to lights.", "A blue and silver train next to train station and trees.",
+         "A blue train is next to a sidewalk on the rails.", "A passenger train pulls into a train station.",
+         "A train coming down the tracks arriving at a station."],
+        "train traveling down a track in front of a road"),
+    2: (["A man riding a wave on top of a surfboard.", "A surfer rides a large wave in the ocean.",
+         "A person on a surfboard riding a wave."], "a man riding a wave on a surfboard"),
+    3: (["Two cats sleeping on a red couch.", "A pair of cats curled up on a sofa.", "Cats asleep on the couch."],
+        "a cat sitting on a red chair"),
+}
+
+
+def test_caption_scores_equal_pycocoevalcap_example_pipeline(tmp_path, monkeypatch, capsys):
+    if not M.java_available():
+        pytest.skip("Java is not installed: pycocoevalcap's PTB tokenizer cannot run (install a JRE)")
+    import json
+
+    import pycocoevalcap.eval as coco_eval_mod
+    from pycocotools.coco import COCO
+
+    class Skipped:  # METEOR (a 2 GB Java process) and SPICE (downloads Stanford CoreNLP) are not compared here
+        def method(self) -> str:
+            return "skipped"
+
+        def compute_score(self, gts, res):  # noqa: ANN001, ANN201
+            return 0.0, [0.0] * len(gts)
+
+    monkeypatch.setattr(coco_eval_mod, "Meteor", Skipped)
+    monkeypatch.setattr(coco_eval_mod, "Spice", Skipped)
+    ann = {"images": [{"id": i} for i in COCO_EXAMPLE],
+           "annotations": [{"id": 10 * i + j, "image_id": i, "caption": c}
+                           for i, (refs, _) in COCO_EXAMPLE.items() for j, c in enumerate(refs)]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": i, "caption": g} for i, (_, g) in COCO_EXAMPLE.items()]))
+    coco = COCO(str(tmp_path / "ann.json"))
+    res = coco.loadRes(str(tmp_path / "res.json"))
+    ev = coco_eval_mod.COCOEvalCap(coco, res)
+    ev.params["image_id"] = res.getImgIds()
+    ev.evaluate()
+    ours = M.caption_scores({str(i): g for i, (_, g) in COCO_EXAMPLE.items()},
+                            {str(i): refs for i, (refs, _) in COCO_EXAMPLE.items()})
+    assert 0.1 < ev.eval["CIDEr"] < 10 and 0 < ev.eval["Bleu_4"] < 1  # a real, non-degenerate score
+    assert ours["CIDEr"] == pytest.approx(ev.eval["CIDEr"], rel=1e-12)
+    assert ours["BLEU-4"] == pytest.approx(ev.eval["Bleu_4"], rel=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------ OCR
 
 

@@ -5,6 +5,7 @@ runs with a rank that has no image in its batch match one process."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,8 +30,9 @@ from train.synthetic import for_model
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CACHE = ROOT / ".cache" / "test-demo-s0.1"  # shared with test_demo_run.py (build_demo is idempotent)
 RECIPE = "recipe=demo_qwen2_vl_stage2"
+# init.from_stage_dir=null: the recipe chains from demo_qwen2_vl_stage1's export; these runs start from random weights
 SMALL = ["data=synthetic", "data.seq_len=96", "logging=quiet", "logging.every=1", "eval.at_start=false",
-         "eval.at_end=false", "train.save_every=0"]
+         "eval.at_end=false", "train.save_every=0", "init.from_stage_dir=null"]
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -136,6 +138,21 @@ def test_single_engine_loss_falls_and_export_is_hf(tmp_path):
     assert torch.equal(loaded.llm.wte.weight, state["model.embed_tokens.weight"])
     assert not torch.equal(fresh.llm.wte.weight, loaded.llm.wte.weight)
 
+    # LoRA fine-tune of that export: the final export merges the adapters into the family's own layout
+    lora_out = tmp_path / "lora"
+    cfg = load_config(["recipe=finetune_qwen2_vl_lora", "model=qwen2_vl_tiny", "engine=single", "engine.precision=fp32",
+                       "engine.grad_checkpointing=false", *SMALL, "train.steps=2", "train.micro_batch_size=2",
+                       "train.global_batch_size=2", "optim.lr=1e-2", "optim.warmup_ratio=0", "lora.r=4",
+                       f"init.official={final}", f"output_dir={lora_out}"])
+    train(cfg)
+    merged: dict[str, torch.Tensor] = {}
+    for f in sorted((lora_out / "final").glob("*.safetensors")):
+        merged.update(load_file(str(f)))
+    assert merged.keys() == state.keys()
+    changed = {k for k in state if not torch.equal(state[k], merged[k])}
+    assert changed and all(k.startswith("model.layers.") and "proj" in k for k in changed), sorted(changed)[:8]
+    assert (lora_out / "final_lora").is_dir()
+
 
 def test_demo_shards_stream_resumes_exactly():
     """The family-neutral demo shards through build_stage_stream(family="qwen2_vl"): Qwen2-VL batches, and a
@@ -207,15 +224,93 @@ def test_two_process_zero_matches_single_process(engine, extra, reference, tmp_p
     print(f"{engine}: losses {got} vs 1 process {reference}")
 
 
-@pytest.mark.parametrize("recipe", ["finetune_qwen2_vl_full", "finetune_qwen2_vl_lora"])
+@pytest.mark.parametrize("recipe", ["finetune_qwen2_vl_full", "finetune_qwen2_vl_lora", "finetune_qwen2_vl_qlora"])
 @pytest.mark.parametrize("model", ["qwen2_vl_2b", "qwen2_vl_7b"])
-def test_finetune_recipes_validate(recipe, model):
+def test_finetune_recipes_validate(recipe, model, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the Q-LoRA recipe asks for engine.device=cuda
     c = load_config([f"recipe={recipe}", f"model={model}", "data.root=/d", "init.official=/ckpt"], world_size=8)
     assert c.model.name == model and c.init.required and c.train.stage == 3
     assert (c.optim.lr, c.optim.weight_decay, list(c.optim.betas), c.optim.warmup_ratio) == (1e-5, 0.1, [0.9, 0.95], 0.01)
     assert c.engine.zero_stage == (3 if recipe.endswith("full") else 2) and c.lora.enabled == recipe.endswith("lora")
+    assert c.lora.qlora == recipe.endswith("qlora") and c.engine.device == ("cuda" if c.lora.qlora else "auto")
+    if c.lora.qlora:  # the LoRA recipe's adapters, on the 4-bit base
+        assert (c.lora.quant_type, c.lora.double_quant, c.lora.r) == ("nf4", True, 64)
+        assert "mlp.c_proj" in c.lora.targets
     with pytest.raises(ConfigError, match="init.required"):
         load_config([f"recipe={recipe}", f"model={model}", "data.root=/d"], world_size=8)
+
+
+# recipe -> (stage, train.freeze, the recipe whose <output_dir>/final it starts from); the Qwen2-VL report's three
+# stages: ViT-side alignment (ViT + merger, LLM frozen), all parameters, SFT with the ViT frozen
+STAGE_RECIPES = {
+    "qwen2_vl_stage1_pretrain": (1, ["llm"], None),
+    "qwen2_vl_stage2_multitask": (2, [], "qwen2_vl_stage1_pretrain"),
+    "qwen2_vl_stage3_sft": (3, ["visual"], "qwen2_vl_stage2_multitask"),
+    "demo_qwen2_vl_stage1": (1, ["llm"], None),
+    "demo_qwen2_vl_stage2": (2, [], "demo_qwen2_vl_stage1"),
+    "demo_qwen2_vl_stage3": (3, ["visual"], "demo_qwen2_vl_stage2"),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(STAGE_RECIPES))
+def test_stage_recipes_validate_and_chain(recipe):
+    stage, freeze, prev = STAGE_RECIPES[recipe]
+    demo = recipe.startswith("demo_")
+    # the full recipes on the other geometry of the family (model=qwen2_vl_2b), on 8 ranks; the demos as they are
+    extra, ws = ([], 1) if demo else (["data.root=/d", "model=qwen2_vl_2b"], 8)
+    c = load_config([f"recipe={recipe}", *extra], world_size=ws)
+    assert c.run_name == recipe and c.model.family == "qwen2_vl"
+    assert c.model.name == ("qwen2_vl_tiny" if demo else "qwen2_vl_2b")
+    assert c.train.stage == stage and list(c.train.freeze) == freeze and not c.lora.enabled
+    assert c.data.demo.enabled == demo and (c.engine.kind == "single") == demo
+    if prev is None:
+        assert c.init.from_stage_dir is None
+    else:  # starts from the previous stage's export: that recipe's <output_dir>/final
+        assert c.init.from_stage_dir == f"{compose_config(prev, extra).output_dir}/final"
+
+
+def _export(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.extended  # ~45 s on a loaded 2-core machine (three builds, exports, the 151936-wide output layer)
+def test_demo_stage_chain_runs(tmp_path, monkeypatch, caplog):
+    """demo_qwen2_vl_stage1 -> 2 -> 3, two steps each, each stage from the previous one's Hugging Face export: the
+    ViT trained in stage 2 arrives unchanged at the end of stage 3 (frozen there), the merger and LLM move."""
+    import logging
+
+    import train.loop as loop
+    from data.demo import build_demo
+
+    build_demo(DEMO_CACHE, seed=0, scale=0.1)
+    monkeypatch.setattr(loop, "_draw_curves", lambda out: None)  # matplotlib: seconds, and not what is tested
+    small = [f"data.demo.dir={DEMO_CACHE}", "data.demo.scale=0.1", "train.steps=2", "optim.warmup_steps=1",
+             "logging=quiet", "logging.peak_flops=1e12", "eval.at_start=false", "eval.at_end=false",
+             "train.resume=never", "data.seq_len=320", "train.micro_batch_size=1", "train.global_batch_size=1",
+             "data.buffer_size=4", "data.options.pack_buffer=4"]
+    finals: list[Path] = []
+    for s in (1, 2, 3):
+        r = f"demo_qwen2_vl_stage{s}"
+        init = [f"init.from_stage_dir={finals[-1]}"] if finals else []
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="train.build"):
+            res = loop.train(load_config([f"recipe={r}", *small, *init, f"output_dir={tmp_path / r}"]))
+        assert len(res["losses"]) == 2 and all(math.isfinite(x) for x in res["losses"]), (r, res["losses"])
+        if finals:
+            assert "init.from_stage_dir: loaded" in caplog.text and str(finals[-1]) in caplog.text, caplog.text
+        finals.append(tmp_path / r / "final")
+        assert json.loads((finals[-1] / "config.json").read_text())["model_type"] == "qwen2_vl"
+    w1, w2, w3 = (_export(f) for f in finals)
+    vit = [k for k in w3 if k.startswith("visual.") and ".merger." not in k]
+    rest = [k for k in w3 if k not in vit]
+    assert vit and rest and w1.keys() == w2.keys() == w3.keys()
+    assert all(torch.equal(w3[k], w2[k]) for k in vit)  # stage 3: ViT frozen, as stage 2 exported it
+    assert not all(torch.equal(w2[k], w1[k]) for k in vit)  # stage 2 trained it
+    assert not all(torch.equal(w3[k], w2[k]) for k in rest)  # stage 3 trained merger + LLM
+    llm = [k for k in w1 if not k.startswith("visual.")]
+    assert not all(torch.equal(w2[k], w1[k]) for k in llm)  # stage 1 froze the LLM, stage 2 trains it
 
 
 def test_loop_resumes_on_demo_shards(tmp_path):
@@ -225,7 +320,7 @@ def test_loop_resumes_on_demo_shards(tmp_path):
     base = [RECIPE, f"data.demo.dir={DEMO_CACHE}", "data.demo.scale=0.1", "data.seq_len=256", "train.steps=4",
             "train.save_every=2", "train.keep_last=2", "train.micro_batch_size=2", "train.global_batch_size=2",
             "logging=quiet", "logging.every=1", "eval.at_start=false", "eval.at_end=false",
-            "train.export_final=false", "optim.warmup_steps=1"]
+            "train.export_final=false", "optim.warmup_steps=1", "init.from_stage_dir=null"]
     first = train(load_config([*base, f"output_dir={tmp_path / 'a'}"]))
     ckpt = tmp_path / "a" / "checkpoints" / "step_00000002"
     second = train(load_config([*base, f"output_dir={tmp_path / 'b'}", f"train.resume={ckpt}"]))

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from train.loop import EmptyHeldout, NonFiniteRun, train
+    from train.checkpoint import CheckpointError
+    from train.loop import DataStreamError, EmptyHeldout, NonFiniteRun, train
 
     try:
         summary = train(cfg)
@@ -48,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteRun as err:
         print(f"[train] error: {err}", file=sys.stderr)
         return 3
-    except EmptyHeldout as err:
+    except (EmptyHeldout, DataStreamError) as err:  # the data gave nothing to train / evaluate on
         print(f"[train] error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:  # unreadable / unwritable checkpoint (disk full): the message names the file
+        print(f"[train] checkpoint error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("[train] aborted by a second Ctrl-C: no checkpoint written for the current step", file=sys.stderr)
         return 130

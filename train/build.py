@@ -152,6 +152,7 @@ def check_inputs(cfg: DictConfig) -> None:
     checked before the model is built; the message names the key and the path. Remote shards (URLs,
     `pipe:`) are checked when they are opened."""
     d = cfg.data
+    _configure_remote(d)  # a remote manifest is fetched here already
     if d.kind == "shards":
         for i, src in enumerate(d.sources):
             _check_shards(f"data.sources.{i}.shards (source {src.name!r})", str(src.shards))
@@ -178,11 +179,18 @@ def prepare_data(cfg: DictConfig, info: DistInfo) -> None:
         barrier()
 
 
+def _configure_remote(d: DictConfig) -> None:
+    from data import remote
+
+    remote.configure(timeout_s=float(d.remote_timeout_s), retries=int(d.remote_retries))  # per process
+
+
 def _stage_stream(cfg: DictConfig, sources: Any, *, rank: int, world: int, batch_size: int, train: bool,
                   seed: int) -> Any:
     from data.pipeline import build_stage_stream
 
     d = cfg.data
+    _configure_remote(d)
     options = OmegaConf.to_container(d.options, resolve=True)
     # the family's image geometry: Qwen-VL's square image_size, Qwen2-VL's resize limits (model.preprocess)
     m = cfg.model

@@ -88,6 +88,10 @@ class SourceConf:
     name: str = MISSING  # unique name of the source (per-source counts and logs)
     shards: str = MISSING  # brace-expanded shard spec, a directory, or a manifest
     weight: float = 1.0  # sampling weight in the mixture, relative to the other sources
+    layout: str = "qwenvl"  # shard layout: qwenvl (KEY.json with task/lang) | img2dataset (KEY.jpg+.txt+.json)
+    caption_from: str = "txt"  # img2dataset layout: caption from txt (KEY.txt) or json:FIELD (a KEY.json field)
+    task: str = "caption"  # img2dataset layout: task of every sample (caption | grounded_caption)
+    lang: str | None = None  # img2dataset layout: en | zh, or null to detect it per sample from the caption
 
 
 @dataclass
@@ -131,6 +135,8 @@ class DataConf:
     num_workers: int = 0  # decode/tokenise processes per rank (0 = inline)
     prefetch_batches: int = 0  # batches made ahead on a background thread (tar reading, packing); 0 = inline
     strict: bool = False  # bad sample -> error instead of skip-and-count
+    remote_timeout_s: float = 60.0  # http(s) shards: connect / per-read timeout in seconds
+    remote_retries: int = 5  # remote shards: retries of a transient error (resumed at the byte reached)
     demo: DemoConf = field(default_factory=DemoConf)  # the embedded demo corpus
     options: PipelineConf = field(default_factory=PipelineConf)  # kwargs for data.pipeline.build_stage_stream
 
@@ -224,6 +230,11 @@ class EvalConf:
     every: int = 0  # steps between held-out evaluations; 0 = only start/end
     max_batches: int = 8  # held-out batches per task
     batch_size: int = 0  # 0 = train.micro_batch_size
+    protocols: list[str] = field(default_factory=list)  # tasks scored by generation (SPEC §6) at eval.every + end: ref_grounding|vqa|caption|ocr
+    protocol_samples: int = 32  # held-out samples per task scored by eval.protocols (greedy generation)
+    protocol_examples: int = 3  # predictions per task in the W&B table at each protocol evaluation; 0 = none
+    protocol_max_new_tokens: int = 0  # generated tokens per reply for eval.protocols; 0 = each task's default
+    caption_prompt: str = "official"  # caption prompt of eval.protocols: official (SPEC §6) | train (stage-2 wording)
 
 
 @dataclass
@@ -496,6 +507,27 @@ def resolve_grad_accum(cfg: DictConfig, world_size: int) -> int:
     return t.grad_accum
 
 
+def _validate_protocols(cfg: DictConfig) -> None:
+    """eval.protocols: known tasks, each with a held-out split to read, on a family the evaluators know."""
+    ev = cfg.eval
+    if not ev.protocols:
+        return
+    from train.evaluation.tasks import EVAL_TASKS
+
+    bad = [t for t in ev.protocols if t not in EVAL_TASKS]
+    _need(not bad, f"eval.protocols: no evaluation protocol for {bad}; known: {list(EVAL_TASKS)}")
+    _need(cfg.data.kind == "shards", "eval.protocols needs data.kind=shards (it scores held-out shard samples)")
+    missing = [t for t in ev.protocols if t not in cfg.data.heldout]
+    _need(not missing, f"eval.protocols: {missing} have no held-out split: set data.heldout.<task> to its shards "
+                       f"(have: {list(cfg.data.heldout)})")
+    _need(cfg.model.family == DEFAULT_FAMILY, f"eval.protocols: the evaluators prompt in Qwen-VL's format; "
+                                              f"model.family={cfg.model.family} is not supported")
+    _need(ev.protocol_samples >= 1 and ev.protocol_examples >= 0 and ev.protocol_max_new_tokens >= 0,
+          "eval.protocol_samples must be >= 1, eval.protocol_examples and eval.protocol_max_new_tokens >= 0")
+    _need(ev.caption_prompt in ("official", "train"),
+          f"eval.caption_prompt must be official or train, got {ev.caption_prompt!r}")
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Cross-field checks the schema cannot express. Every message names the key(s)."""
     missing = missing_keys(cfg)
@@ -540,6 +572,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
           f"logging.peak_flops must be > 0 (FLOP/s per device) or null (auto), got {lg.peak_flops}")
     _need(d.kind in DATA_KINDS, f"data.kind must be one of {DATA_KINDS}, got {d.kind!r}")
     _need(d.prefetch_batches >= 0 and d.num_workers >= 0, "data.prefetch_batches and data.num_workers must be >= 0")
+    _need(d.remote_timeout_s > 0 and d.remote_retries >= 0,
+          f"need data.remote_timeout_s > 0 and data.remote_retries >= 0, got {d.remote_timeout_s}, {d.remote_retries}")
     _need(d.kind == "synthetic" or len(d.sources) > 0, "data.sources is empty (need at least one shard source)")
     span = image_span_tokens(cfg)
     _need(d.seq_len >= span + 1,
@@ -549,6 +583,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     names = [s.name for s in d.sources]
     _need(len(names) == len(set(names)), f"data.sources names must be unique: {names}")
     _need(all(s.weight > 0 for s in d.sources), "data.sources[*].weight must be > 0")
+    from data.layouts import make_layout
+
+    for i, s in enumerate(d.sources):
+        try:
+            make_layout(s.name, s.layout, s.caption_from, s.task, s.lang)
+        except ValueError as err:
+            raise ConfigError(f"data.sources.{i}: {err}") from None
     op = d.options
     _need(op.truncate in ("drop", "shorten"), f"data.options.truncate must be drop or shorten, got {op.truncate!r}")
     _need(op.zh_prompts in ("english", "chinese"), f"data.options.zh_prompts must be english or chinese, got {op.zh_prompts!r}")
@@ -596,6 +637,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
               "lora.dora=true cannot run under engine.zero_stage=3 (peft's DoRA reads the whole base weight "
               "outside the layer's forward, where ZeRO-3 holds only a partition); use engine=zero2 or "
               "lora.dora=false")
+    _validate_protocols(cfg)
     mc = model_cfg(cfg)  # the model's own validation (divisibility etc.)
     if t.export_final:  # fail now, not after the last step
         family, _ = family_for_model_dict({"family": cfg.model.family})

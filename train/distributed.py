@@ -65,6 +65,10 @@ def init(engine_kind: str, device_pref: str = "auto") -> DistInfo:
                               LOCAL_RANK="0", WORLD_SIZE="1")
         import deepspeed
 
+        if device.type == "cpu":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (C++, minutes on 2 cores, per
+            # install path) that only its inference tensor parallelism calls; training uses the gloo group
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
     return DistInfo(rank, local_rank, world, device)

@@ -193,22 +193,26 @@ class SingleEngine(Engine):
     def save(self, ckpt_dir: Path) -> None:
         from safetensors.torch import save_file
 
+        from train.checkpoint import writing  # errors name the file; disk full says so
+
         state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
-        save_file(state, str(ckpt_dir / "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), ckpt_dir / "scheduler.pt")
+        with writing(ckpt_dir / "model.safetensors"):
+            save_file(state, str(ckpt_dir / "model.safetensors"))
+        for name, obj in (("optimizer.pt", self.optimizer), ("scheduler.pt", self.scheduler)):
+            with writing(ckpt_dir / name):
+                torch.save(obj.state_dict(), ckpt_dir / name)
         # optimizer.pt indexes parameters by position: their names let another world size / engine resume it
         from train.portable import PARAM_NAMES, param_names
 
-        (ckpt_dir / PARAM_NAMES).write_text(json.dumps(param_names(self.module, self.optimizer)), encoding="utf-8")
+        with writing(ckpt_dir / PARAM_NAMES):
+            (ckpt_dir / PARAM_NAMES).write_text(json.dumps(param_names(self.module, self.optimizer)), encoding="utf-8")
 
     def load(self, ckpt_dir: Path) -> None:
-        from safetensors.torch import load_file
+        from train.checkpoint import load_safetensors_file, load_torch_file  # errors name the file and cause
 
-        self.module.load_state_dict(load_file(str(ckpt_dir / "model.safetensors"), device=str(self.device)))
-        self.optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True,
-                                                  map_location=self.device))
-        self.scheduler.load_state_dict(torch.load(ckpt_dir / "scheduler.pt", weights_only=True))
+        self.module.load_state_dict(load_safetensors_file(ckpt_dir / "model.safetensors", device=str(self.device)))
+        self.optimizer.load_state_dict(load_torch_file(ckpt_dir / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(load_torch_file(ckpt_dir / "scheduler.pt"))
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.module.state_dict()
@@ -263,8 +267,11 @@ class DeepSpeedEngine(Engine):
         return norm if math.isfinite(norm) else float("nan")
 
     def save(self, ckpt_dir: Path) -> None:
+        from train.checkpoint import writing  # errors name the directory; disk full says so
+
         # collective: every rank writes its shards into the same (shared) directory
-        self.ds.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
+        with writing(ckpt_dir / "deepspeed"):
+            self.ds.save_checkpoint(str(ckpt_dir), tag="deepspeed", save_latest=False)
 
     def load(self, ckpt_dir: Path) -> None:
         path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag="deepspeed", load_optimizer_states=True,

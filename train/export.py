@@ -20,10 +20,10 @@ from train.model.config import QwenVLConfig
 
 def expected_keys(mcfg: QwenVLConfig) -> dict[str, torch.Size]:
     """key -> shape of the plain (un-adapted) model's state dict, built on the meta device."""
-    from train.model.qwen_vl import QwenVL
+    from train.model.families import DEFAULT_FAMILY, get_family
 
-    with torch.device("meta"):
-        ref = QwenVL(mcfg)
+    with torch.device("meta"):  # the config's family (Qwen2-VL configs carry family = "qwen2_vl")
+        ref = get_family(getattr(mcfg, "family", DEFAULT_FAMILY)).build_model(mcfg)
     return {k: v.shape for k, v in ref.state_dict().items()}
 
 
@@ -99,14 +99,14 @@ def load_lora_adapters(model: torch.nn.Module, src: Path) -> Any:
 def lora_base_weights(cfg: DictConfig) -> dict[str, torch.Tensor]:
     """Full-precision weights the run started from (init.from_stage_dir or init.official), internal names."""
     from train.config import model_cfg
-    from train.model.official import load_official
-    from train.model.qwen_vl import QwenVL
+    from train.model.families import get_family
 
+    family = get_family(str(cfg.model.family))
     path = cfg.init.from_stage_dir or cfg.init.official
     if not path:
         raise ValueError("Q-LoRA export needs init.from_stage_dir or init.official (the full-precision base)")
     with torch.device("meta"):
-        model = QwenVL(model_cfg(cfg))
+        model = family.build_model(model_cfg(cfg))
     model.to_empty(device="cpu")
-    load_official(model, path)
+    family.checkpoint.fn("load")(model, path)  # Qwen-VL: official.load_official; Qwen2-VL: hf.load_hf
     return model.state_dict()

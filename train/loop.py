@@ -8,17 +8,18 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
 
 from train import distributed
 from train.build import build_heldout, build_model, build_train_data, check_inputs, prepare_data
-from train.checkpoint import CheckpointManager
+from train.checkpoint import CheckpointManager, step_dir_name
 from train.config import model_cfg, to_yaml
 from train.engine import Engine, build_engine
 from train.flops import FlopsModel, causal_pairs, mfu, resolve_peak_flops
@@ -26,6 +27,7 @@ from train.freeze import MODULES, freeze_table, set_train_mode
 from train.metrics import MetricsLogger, memory_stats, per_task_losses
 from train.model.loss import IGNORE_INDEX
 from train.model.qwen_vl import shift_targets
+from train.periodic_eval import run_protocols
 
 log = logging.getLogger("train")
 N_TASK_SLOTS = 16
@@ -41,6 +43,10 @@ class EmptyHeldout(RuntimeError):
 
 class NonFiniteRun(RuntimeError):
     """train.max_nonfinite_steps optimizer steps in a row had a NaN/inf loss or gradient norm."""
+
+
+class DataStreamError(RuntimeError):
+    """The training data stream cannot go on (data.loader.LoaderError), e.g. no usable sample in a whole pass."""
 
 
 def _steps_from_env(name: str) -> set[int]:
@@ -94,31 +100,71 @@ def eval_table(before: dict[str, dict[str, float]] | None, after: dict[str, dict
     return "\n".join(lines)
 
 
+class StopNow(BaseException):
+    """Raised by the StopRequest handler when a stop signal arrives outside a step (waiting for data, evaluating):
+    there is no step boundary to wait for. A BaseException so that no ``except Exception`` on the way (the data
+    pipeline wraps map errors) turns it into a failure."""
+
+
+class Boundary(NamedTuple):
+    """What a stop outside a step checkpoints: the last completed step and the state that goes with it."""
+
+    step: int
+    data_state: Any
+    counters: dict[str, float]
+    losses: list[float]
+
+
 class StopRequest:
     """Records SIGTERM / SIGUSR1 / SIGINT instead of dying mid-step; the loop checkpoints at the step boundary.
 
-    The first Ctrl-C (SIGINT) behaves like SIGTERM; a second one aborts at once (KeyboardInterrupt, no
-    checkpoint). Installed only in the main thread (signal handlers cannot be set elsewhere); restored by
-    `restore`."""
+    Inside a step (`in_step`, set by the loop around the optimizer step and its checkpoint) the signal is
+    recorded and the step finishes. Outside one (a data wait, periodic evaluation) an `interruptible` request
+    raises StopNow at once: a stream that never yields would otherwise never reach a boundary. `boundary()`
+    records the last completed step and the data state that goes with it, so the run can still checkpoint it
+    (train: only when that step is newer than the last checkpoint). The first Ctrl-C (SIGINT) behaves like
+    SIGTERM; a second one aborts at once (KeyboardInterrupt, no checkpoint). Installed only in the main thread
+    (signal handlers cannot be set elsewhere); restored by `restore`."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, interruptible: bool = True) -> None:
         self.signum: int | None = None
+        # multi-rank: one rank leaving early while the others sit in a collective would hang them, so there
+        # the signal always waits for the step boundary (where the stop flag is all-reduced)
+        self.interruptible = interruptible
+        self.in_step = False
+        self.last: Boundary | None = None  # the last completed step and its data state
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
+    def boundary(self, step: int, data: Any, counters: dict[str, float], losses: list[float]) -> None:
+        """Between steps: what a stop outside a step checkpoints. Leaves the step (`in_step` False)."""
+        if self.interruptible:  # the snapshot is only used by a stop outside a step (single process)
+            state = data.state_dict() if hasattr(data, "state_dict") else None
+            # one attribute store: a signal arriving mid-update never pairs a new step with an old data state
+            self.last = Boundary(step, state, dict(counters), losses)
+        self.in_step = False
+
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt("second Ctrl-C: aborting without a checkpoint")
+        now = self.interruptible and not self.in_step and self.last is not None
         if self.signum is None:
-            how = "Ctrl-C again to abort at once" if signum == signal.SIGINT else "checkpointing after this step"
-            print(f"[train] received {signal.Signals(signum).name}: finishing this step and checkpointing "
-                  f"({how})", flush=True)
+            if now:
+                print(f"[train] received {signal.Signals(signum).name} outside a step (waiting for data or "
+                      f"evaluating): stopping now", flush=True)
+            else:
+                how = "Ctrl-C again to abort at once" if signum == signal.SIGINT else "checkpointing after this step"
+                print(f"[train] received {signal.Signals(signum).name}: finishing this step and checkpointing "
+                      f"({how})", flush=True)
         self.signum = signum
+        if now:
+            self.interruptible = False  # a second signal while the run stops must not interrupt its checkpoint
+            raise StopNow(signal.Signals(signum).name)
 
     @property
     def exit_code(self) -> int:
@@ -178,10 +224,14 @@ def count_targets(batch: dict[str, Any]) -> int:
 
 def next_window(it: Iterator[dict[str, Any]], accum: int) -> list[dict[str, Any]]:
     """The micro-batches of one optimizer step, read ahead so their token count is known before backward."""
+    from data.loader import LoaderError
+
     try:
         return [next(it) for _ in range(accum)]
     except StopIteration as err:
         raise RuntimeError("training data stream ended early; use an infinite (epochs=None) stream") from err
+    except LoaderError as err:  # e.g. no usable sample in a whole pass: the stream cannot go on
+        raise DataStreamError(str(err)) from err
 
 
 def train_step(engine: Engine, window: list[dict[str, Any]], info: distributed.DistInfo,
@@ -245,13 +295,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     flops = FlopsModel(model, model_cfg(cfg))
     engine = build_engine(cfg, model, info)
     data = build_train_data(cfg, info)
-    heldout = build_heldout(cfg)
+    heldout_skips: Counter[str] = Counter()  # skips of every held-out evaluation pass, for the end-of-run line
+    heldout = _counting_skips(build_heldout(cfg), heldout_skips)
     ckpt = CheckpointManager(out_dir, cfg.train.keep_last, info)
 
     start_step, counters = 0, {"tokens": 0.0, "samples": 0.0}
-    resume_from = ckpt.resolve(cfg.train.resume)
-    if resume_from is not None:
-        meta = ckpt.load(resume_from, engine, data)
+    resume_from, meta = ckpt.resume(cfg.train.resume, engine, data)  # auto: falls back past unreadable ones
+    if resume_from is not None and meta is not None:
         start_step = int(meta["step"])
         counters = meta.get("counters", counters)
         _say(info, f"[train] resumed from {resume_from} at step {start_step}")
@@ -263,10 +313,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _say(info, "[train] held-out loss at start:\n" + eval_table(summary["eval_before"], None))
         logger.log(0, {f"eval/{k}": v["loss"] for k, v in summary["eval_before"].items()})
 
-    stop = StopRequest()  # SLURM / torchrun / preemption ask with SIGTERM (or --signal=USR1@T): finish the step
+    # SLURM / torchrun / preemption ask with SIGTERM (or --signal=USR1@T): finish the step (StopRequest)
+    stop = StopRequest(interruptible=info.world_size == 1)
     try:
         step, losses = run_steps(cfg, engine, data, heldout, ckpt, logger, flops, info, start_step, counters,
                                  stop, summary)
+    except StopNow:
+        step, losses = _stopped_outside_step(engine, ckpt, stop, start_step, summary)
+        counters = stop.last.counters if stop.last is not None else counters
     finally:
         stop.restore()
     summary.update(steps_run=step - start_step, final_step=step, losses=losses, exit_code=stop.exit_code)
@@ -277,7 +331,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger.close()  # W&B run finished and flushed: its files are complete when train() returns
     if info.is_main and cfg.logging.jsonl:
         summary["curves"] = _draw_curves(out_dir)
-    if hasattr(data, "close"):
+    summary["skipped"] = _skip_counts(data)
+    summary["heldout_skipped"] = dict(sorted(heldout_skips.items()))
+    # after a stop in a data wait the stream may sit in a blocked read (a prefetch thread would never join)
+    if hasattr(data, "close") and "stopped_outside_step" not in summary:
         data.close()
     _say(info, "[train] done: " + "; ".join(f"{k} {v}" for k, v in _done_paths(summary).items()))
     distributed.barrier()
@@ -286,8 +343,71 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _skip_counts(data: Any) -> dict[str, int]:
+    try:
+        flat = _flatten(data.stats().get("skipped", {})) if hasattr(data, "stats") else {}
+    except Exception:  # noqa: BLE001 - a stream interrupted mid-read: its counts are not worth failing the run
+        return {}
+    return {k: int(v) for k, v in sorted(flat.items()) if v}
+
+
+def _stopped_outside_step(engine: Engine, ckpt: CheckpointManager, stop: StopRequest, start_step: int,
+                          summary: dict[str, Any]) -> tuple[int, list[float]]:
+    """A stop signal came outside a step: checkpoint the last completed step with the data state taken right
+    after it (`StopRequest.boundary`), unless no step completed since the last checkpoint."""
+    b = stop.last if stop.last is not None else Boundary(start_step, None, {}, [])
+    step = b.step
+    last = ckpt.latest()
+    if step > start_step and (last is None or last.name != step_dir_name(step)):
+        ckpt.save(step, engine, _SavedState(b.data_state), {"counters": b.counters})
+        where = f"checkpoint of step {step} saved in {ckpt.root}"
+    else:
+        where = f"no step since the last checkpoint ({last if last is not None else 'none'}): nothing saved"
+    print(f"[train] stop signal received outside a step after step {step}; {where}; stopping "
+          "(rerun the same command to resume: train.resume=auto)", flush=True)
+    summary["stopped_early"] = summary["stopped_outside_step"] = "stop signal received outside a step"
+    return step, b.losses
+
+
+class _SkipCountingEval:
+    """A held-out batch iterable that adds its stream's skip counts to `into` when evaluation closes it."""
+
+    def __init__(self, it: Any, into: Counter[str]) -> None:
+        self.it, self.into = it, into
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.it)
+
+    def stats(self) -> dict[str, Any]:
+        return self.it.stats() if hasattr(self.it, "stats") else {}
+
+    def close(self) -> None:
+        self.into.update(_skip_counts(self.it))
+        if hasattr(self.it, "close"):
+            self.it.close()
+
+
+def _counting_skips(heldout: dict[str, Any], into: Counter[str]) -> dict[str, Any]:
+    return {task: (lambda make=make: _SkipCountingEval(make(), into)) for task, make in heldout.items()}
+
+
+class _SavedState:
+    """Stands in for the data stream in CheckpointManager.save: the state snapshot of a step boundary."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def state_dict(self) -> Any:
+        return self.state
+
+
 def _done_paths(summary: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"steps": summary["steps_run"], "checkpoints": Path(summary["output_dir"]) / "checkpoints"}
+    # occurrences: a sample skipped again in a later epoch is counted again (so are the stream's own resumed
+    # counts); held-out evaluation's skips are those of every evaluation pass, summed
+    out["skipped samples (occurrences, by reason)"] = summary.get("skipped") or "none"
+    if summary.get("heldout_skipped"):
+        out["held-out skipped (occurrences over all evaluations)"] = summary["heldout_skipped"]
     for key in ("export", "export_lora", "metrics_jsonl", "curves", "wandb_dir"):
         if summary.get(key):
             out[key.replace("_", " ")] = summary[key]
@@ -319,10 +439,13 @@ def run_steps(cfg: DictConfig, engine: Engine, data: Any, heldout: dict[str, Any
     t_start = time.time()
     step, losses = start_step, []
     streak = 0  # optimizer steps in a row skipped for a non-finite loss / grad norm
+    stop.boundary(step, data, counters, losses)  # from here a stop signal outside a step ends the run at once
     while step < total:
         set_train_mode(engine.module, frozen)
         t0 = time.time()
-        stats, grad_norm = train_step(engine, next_window(it, engine.grad_accum), info, poison=step + 1 in poison_at)
+        window = next_window(it, engine.grad_accum)
+        stop.in_step = True  # a stop signal from here on waits for this step (and its checkpoint)
+        stats, grad_norm = train_step(engine, window, info, poison=step + 1 in poison_at)
         step += 1
         if engine.step_applied:
             streak = 0
@@ -360,9 +483,12 @@ def run_steps(cfg: DictConfig, engine: Engine, data: Any, heldout: dict[str, Any
                        "(rerun the same command to resume: train.resume=auto)")
             summary["stopped_early"] = why
             break
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < total and heldout:
-            res = evaluate(engine, heldout, cfg.eval.max_batches)
-            logger.log(step, {f"eval/{k}": v["loss"] for k, v in res.items()})
+        stop.boundary(step, data, counters, losses)  # step done: the data wait and evaluation are outside a step
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < total:
+            if heldout:
+                res = evaluate(engine, heldout, cfg.eval.max_batches)
+                logger.log(step, {f"eval/{k}": v["loss"] for k, v in res.items()})
+            run_protocols(cfg, engine, logger, info, step)  # eval.protocols (train/periodic_eval.py); off: no-op
     return step, losses
 
 
@@ -381,6 +507,10 @@ def finish_run(cfg: DictConfig, engine: Engine, heldout: dict[str, Any], ckpt: C
         logger.log(step, {f"eval/{k}": v["loss"] for k, v in after.items()})
         logger.summary({f"eval_final/{k}": v["loss"] for k, v in after.items()})
         summary["eval_after"] = after
+    scores = run_protocols(cfg, engine, logger, info, step)  # eval.protocols after the last step; off: None
+    if scores is not None:
+        logger.summary({f"eval_final/{t}/{m}": v for t, ms in scores.items() for m, v in ms.items()})
+        summary["protocols_after"] = scores
 
 
 def export_final(cfg: DictConfig, engine: Engine, out_dir: Path, info: distributed.DistInfo) -> str:

@@ -17,7 +17,6 @@ torch.load(weights_only=True) and exactly those classes allowed.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -57,13 +56,15 @@ class _SingleState(PortableState):
     def __init__(self, ckpt: Path) -> None:
         from safetensors import safe_open
 
+        from train.checkpoint import load_json_file, load_torch_file, reading  # errors name the file
+
         names_file = ckpt / PARAM_NAMES
         if not names_file.is_file():
             raise PortableError(f"{ckpt}: no {PARAM_NAMES} (written by newer versions); this checkpoint can only be "
                                 "resumed with the world size and engine it was saved with")
-        groups = json.loads(names_file.read_text(encoding="utf-8"))
-        opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu", mmap=True)
-        sched = torch.load(ckpt / "scheduler.pt", weights_only=True, map_location="cpu")
+        groups = load_json_file(names_file)
+        opt = load_torch_file(ckpt / "optimizer.pt", map_location="cpu", mmap=True)
+        sched = load_torch_file(ckpt / "scheduler.pt", map_location="cpu")
         if len(groups) != len(opt["param_groups"]):
             raise PortableError(f"{ckpt}: {PARAM_NAMES} lists {len(groups)} groups, optimizer.pt has "
                                 f"{len(opt['param_groups'])}")
@@ -76,7 +77,8 @@ class _SingleState(PortableState):
                     self._state[name] = st
                     steps.add(int(float(st["step"])))
         self._trainable = {n for names in groups for n in names}
-        self._file = safe_open(str(ckpt / "model.safetensors"), framework="pt")  # memory-mapped, read per tensor
+        with reading(ckpt / "model.safetensors"):
+            self._file = safe_open(str(ckpt / "model.safetensors"), framework="pt")  # memory-mapped, read per tensor
         super().__init__(str(ckpt), max(steps) if steps else 0, sched, len(groups))
 
     def names(self) -> list[str]:

@@ -7,8 +7,10 @@
 
 With torch.distributed initialised (and `shard=True`), rank r generates for samples r, r+W, r+2W, ...; the
 predictions are gathered with `all_gather_object` and put back in sample order, and every rank computes the
-metrics over all samples: the numbers are those of one rank (tests/test_eval_dist.py). Under ZeRO-3 the ranks
-must run the same forwards: pass `shard=False` (every rank evaluates everything) with a gathered model.
+metrics over all samples: the numbers are those of one rank (tests/test_eval_dist.py). Under ZeRO-3 (parameters
+gathered collectively in every forward) the ranks must run the same forwards: pass `lockstep=True` (each rank's
+share is padded to the same number of batches and every batch decodes the same number of tokens; the replies
+are those of the default mode, tests/test_periodic_eval.py).
 """
 
 from __future__ import annotations
@@ -94,24 +96,44 @@ def _gather(local: list[tuple[int, str, Any]], world: int) -> list[tuple[int, st
 
 
 def _replies(model: torch.nn.Module, tok: QwenTokenizer, items: Sequence[EvalItem], raws: Sequence[RawSample],
-             batch_size: int, max_new_tokens: int) -> list[str]:
+             batch_size: int, max_new_tokens: int, lockstep: bool = False) -> list[str]:
+    """Greedy replies. lockstep: exactly max_new_tokens decoding steps per batch (no early stop; each reply is cut
+    at its first stop token instead, which leaves it as the default mode makes it: rows decode independently)."""
     size = model.cfg.vision.image_size
     out: list[str] = []
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens)  # greedy, stops at <|endoftext|> / <|im_end|>
+    ids_cfg = model.cfg.ids
+    stops = {ids_cfg.im_end, ids_cfg.eod, ids_cfg.im_start}  # generate's default stop tokens
+    # greedy, stops at <|endoftext|> / <|im_end|>; lockstep: an id no token has, so nothing stops the loop
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, stop_ids=(-1,) if lockstep else None)
     for s in range(0, len(items), batch_size):
         chunk = list(zip(items[s:s + batch_size], raws[s:s + batch_size]))
         ids = [encode_with_images(tok, it.prompt)[0] for it, _ in chunk]
         px = [[to_tensor(image_of(raw), size)] for _, raw in chunk]
         for o in generate(model, ids, px, cfg):
-            out.append(tok.decode(o.tokens, skip_special=False))
+            toks = o.tokens
+            if lockstep:
+                toks = next((toks[:j] for j, t in enumerate(toks) if t in stops), toks)
+            out.append(tok.decode(toks, skip_special=False))
     return out
+
+
+def _lockstep_share(model: torch.nn.Module, tok: QwenTokenizer, items: Sequence[EvalItem], mine: list[int],
+                    world: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """(this rank's indices padded with copies of sample 0 to ceil(n / world), the decoding budget every rank
+    uses): generate caps its budget by the context left after the batch's longest prompt, so the cap is taken
+    over the longest prompt of all samples (every rank builds every item: no communication needed)."""
+    per_rank = -(-len(items) // world)
+    longest = max(len(encode_with_images(tok, it.prompt)[0]) for it in items)
+    budget = max(0, min(max_new_tokens, model.cfg.llm.max_position - longest))
+    return mine + [0] * (per_rank - len(mine)), budget
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer: QwenTokenizer, samples_by_task: Mapping[str, Sequence[RawSample]],
              batch_size: int = 8, max_new_tokens: Mapping[str, int] | None = None, caption_prompt: str = "official",
-             shard: bool = True) -> EvalResult:
-    """Metrics and per-sample records for every task (see the module doc for the multi-rank behaviour)."""
+             shard: bool = True, lockstep: bool = False) -> EvalResult:
+    """Metrics and per-sample records for every task (see the module doc for the multi-rank behaviour).
+    lockstep: every rank runs the same forward calls (ZeRO-3), at the cost of decoding the full budget."""
     was_training = model.training
     model.eval()
     rank, world = _rank_world(shard)
@@ -121,7 +143,13 @@ def evaluate(model: torch.nn.Module, tokenizer: QwenTokenizer, samples_by_task: 
             items = [make_item(r, task, caption_prompt) for r in raws]
             mine = list(range(rank, len(items), world))
             n_new = (max_new_tokens or {}).get(task, MAX_NEW_TOKENS[task])
-            replies = _replies(model, tokenizer, [items[i] for i in mine], [raws[i] for i in mine], batch_size, n_new)
+            if lockstep:
+                run, n_new = _lockstep_share(model, tokenizer, items, mine, world, n_new)
+                replies = _replies(model, tokenizer, [items[i] for i in run], [raws[i] for i in run], batch_size,
+                                   n_new, lockstep=True)[:len(mine)]  # the padding's replies are dropped
+            else:
+                replies = _replies(model, tokenizer, [items[i] for i in mine], [raws[i] for i in mine], batch_size,
+                                   n_new)
             gathered = _gather([(i, r, prediction(items[i], r)) for i, r in zip(mine, replies)], world)
             if [g[0] for g in gathered] != list(range(len(items))):
                 raise RuntimeError(f"task {task}: gathered {len(gathered)} predictions for {len(items)} samples")
