@@ -32,15 +32,9 @@ are in the output) before timing anything.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
-import math
 import random
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402
 from data.loader import RawSample  # noqa: E402
 from data.qwen2_vl_packing import Qwen2VLPacker, collate_qwen2_rows  # noqa: E402
 from data.qwen2_vl_samples import Qwen2VLSample, Qwen2VLSampleBuilder  # noqa: E402
@@ -59,26 +54,16 @@ from train.model.qwen2_vl.model import Qwen2VL, normalize_patches  # noqa: E402
 from train.model.qwen_vl import shift_targets  # noqa: E402
 
 VARIANTS = ("packed", "padded", "padded_hf")
-# a plain word list (the text's content does not matter, its token count does)
-_WORDS = ("the a of to and in is it that for on with as was be by this at from or an are have not but what all "
-          "were when we there can which their said if do will each about how up out them then she many some so "
-          "these would other into has more her two like him see time could no make than first been its who now "
-          "people my made over did down only way find use may water long little very after words called just "
-          "where most know get through back much before go good new write our used me man too any day same "
-          "right look think also around another came come work three word must because does part even place "
-          "image shows person table window street car tree dog cat red blue green left right top bottom").split()
+# the first 126 and the last 17 words of the common list: the list this bench's samples were always drawn
+# from, so that its token counts (and numbers) stay comparable with earlier runs
+_WORDS = common.WORDS[:126] + common.WORDS[-17:]
 
 
 # ----------------------------------------------------------------------------------------------- config
 def load_model_config(name: str) -> Qwen2VLConfig:
     """conf/model/NAME.yaml (or a path to such a file) of the qwen2_vl family -> Qwen2VLConfig."""
-    import yaml
-
-    path = Path(name) if name.endswith(".yaml") else ROOT / "conf" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (ROOT / "conf" / "model").glob("qwen2_vl*.yaml"))
-        raise SystemExit(f"--model {name!r}: no file {path} (Qwen2-VL ones: {', '.join(known)})")
-    family, rest = family_for_model_dict(yaml.safe_load(path.read_text()) or {})
+    path, d = common.read_model_yaml(name, glob="qwen2_vl*.yaml", known_label="Qwen2-VL ones")
+    family, rest = family_for_model_dict(d)
     if family.name != "qwen2_vl":
         raise SystemExit(f"--model {name!r}: {path} is a {family.name} model; this bench takes the qwen2_vl family "
                          "(bench/step.py is the Qwen-VL one)")
@@ -86,19 +71,6 @@ def load_model_config(name: str) -> Qwen2VLConfig:
 
 
 # ---------------------------------------------------------------------------------------------- samples
-def _jpeg(rng: random.Random, w: int, h: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    g = np.random.default_rng(rng.randrange(2**32))
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (w + h))], -1)
-    arr = np.clip(base + g.integers(-40, 40, (h, w, 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
 def make_samples(n: int, *, seq_len: int, max_pixels: int, min_pixels: int = 3136, seed: int = 0,
                  words: tuple[int, int] = (100, 1000), answer_words: tuple[int, int] = (8, 64),
                  sides: tuple[int, int] = (112, 1024)) -> list[Qwen2VLSample]:
@@ -109,7 +81,7 @@ def make_samples(n: int, *, seq_len: int, max_pixels: int, min_pixels: int = 313
                                    truncate="shorten")
 
     def text(k: int) -> str:
-        return " ".join(rng.choice(_WORDS) for _ in range(k)).capitalize() + "."
+        return common.sentence(rng, k, _WORDS)
 
     out = []
     for i in range(n):
@@ -117,7 +89,7 @@ def make_samples(n: int, *, seq_len: int, max_pixels: int, min_pixels: int = 313
         conv = [{"from": "user", "value": f"Picture 1: <img>img0.jpg</img>\n{text(rng.randint(*words))}"},
                 {"from": "assistant", "value": text(rng.randint(*answer_words))}]
         raw = RawSample(key=f"s{i:04d}", meta={"task": "chat", "conversations": conv},
-                        files={"img0.jpg": _jpeg(rng, w, h)}, source="bench", url="bench", index=i)
+                        files={"img0.jpg": common.jpeg(rng, w, h)}, source="bench", url="bench", index=i)
         out.append(builder(raw))
     return out
 
@@ -132,51 +104,23 @@ def batch_counts(batches: list[dict[str, torch.Tensor]], image_pad: int) -> dict
 
 
 # -------------------------------------------------------------------------------------------- the steps
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def packed_window(model: Qwen2VL, opt: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
                   n_targets: int, device: torch.device, dtype: str) -> float:
     """Project path: every packed row one micro-batch, token-weighted loss, one optimizer step."""
-    total = torch.zeros((), device=device)
-    for b in batches:
-        with _autocast(device, dtype):
-            out = model(b["input_ids"], b["labels"], b["pixel_values"], b["segment_ids"], b["position_ids"],
-                        b["image_grid_thw"])
-        loss = out.loss_sum / n_targets
-        loss.backward()
-        total += loss.detach()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(total)
+    return common.accumulate_window(opt, batches, lambda b: _forward(model, b).loss_sum / n_targets, device,
+                                    dtype)
 
 
 def padded_window(model: Qwen2VL, opt: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
                   device: torch.device, dtype: str) -> float:
     """Same model code on one padded sample per micro-batch: mean loss / grad_accum, one optimizer step."""
-    total = torch.zeros((), device=device)
-    for b in batches:
-        with _autocast(device, dtype):
-            out = model(b["input_ids"], b["labels"], b["pixel_values"], b["segment_ids"], b["position_ids"],
-                        b["image_grid_thw"])
-        loss = out.loss / len(batches)
-        loss.backward()
-        total += loss.detach()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(total)
+    return common.accumulate_window(opt, batches, lambda b: _forward(model, b).loss / len(batches), device,
+                                    dtype)
+
+
+def _forward(model: Qwen2VL, b: dict[str, torch.Tensor]) -> Any:
+    return model(b["input_ids"], b["labels"], b["pixel_values"], b["segment_ids"], b["position_ids"],
+                 b["image_grid_thw"])
 
 
 def hf_inputs(b: dict[str, torch.Tensor], cfg: Qwen2VLConfig) -> dict[str, torch.Tensor]:
@@ -194,15 +138,8 @@ def hf_inputs(b: dict[str, torch.Tensor], cfg: Qwen2VLConfig) -> dict[str, torch
 def hf_window(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
               device: torch.device, dtype: str) -> float:
     """transformers' model on the padded rows: its own loss (mean CE over the full logits) / grad_accum."""
-    total = torch.zeros((), device=device)
-    for b in batches:
-        with _autocast(device, dtype):
-            loss = model(**b, use_cache=False).loss / len(batches)
-        loss.backward()
-        total += loss.detach()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(total)
+    return common.accumulate_window(opt, batches, lambda b: model(**b, use_cache=False).loss / len(batches),
+                                    device, dtype)
 
 
 def build_hf_twin(model: Qwen2VL, device: torch.device) -> torch.nn.Module | None:
@@ -227,10 +164,7 @@ def build_hf_twin(model: Qwen2VL, device: torch.device) -> torch.nn.Module | Non
 
 # ---------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here")
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    device, dtypes = common.device_and_dtypes(args)
     cfg = load_model_config(args.model)
     T = args.seq_len
     samples = make_samples(args.samples, seq_len=T, max_pixels=args.max_pixels, min_pixels=args.min_pixels,
@@ -238,8 +172,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            answer_words=tuple(args.answer_words), sides=tuple(args.sides))
     m = cfg.vision.merge_size
     rows = Qwen2VLPacker(T, buffer_size=len(samples), merge_size=m, vocab_size=cfg.llm.vocab_size).pack_all(samples)
-    packed = [_to(collate_qwen2_rows([r], T, checked=True, merge_size=m), device) for r in rows]
-    padded = [_to(collate_qwen2_rows([[s]], T, checked=True, merge_size=m), device) for s in samples]
+    packed = [common.to_device(collate_qwen2_rows([r], T, checked=True, merge_size=m), device) for r in rows]
+    padded = [common.to_device(collate_qwen2_rows([[s]], T, checked=True, merge_size=m), device)
+              for s in samples]
     counts = {"packed": batch_counts(packed, cfg.ids.image_pad), "padded": batch_counts(padded, cfg.ids.image_pad)}
     same = {k: v for k, v in counts["packed"].items() if k != "rows"}
     if same != {k: v for k, v in counts["padded"].items() if k != "rows"}:
@@ -251,21 +186,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     twin = None if not args.hf else build_hf_twin(model, device)
     variants = [v for v in VARIANTS if v != "padded_hf" or twin is not None]
     hf_batches = [hf_inputs(b, cfg) for b in padded] if twin is not None else []
-    opts = {"model": torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)}
+    opts = {"model": common.adamw(model)}
     if twin is not None:
-        opts["twin"] = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-5)
+        opts["twin"] = common.adamw(twin)
     n_params = model.num_parameters()
     grids = torch.cat([b["image_grid_thw"] for b in padded])
     res: dict[str, Any] = {
-        "model": args.model, "params": n_params, "device": str(device), "threads": torch.get_num_threads(),
-        "seq_len": T, "samples": len(samples), "packed_rows": len(packed), "padded_rows": len(padded),
+        **common.result_head(args, n_params, device, len(samples), len(packed), len(padded)),
         "real_tokens": same["real_tokens"], "image_tokens": same["image_tokens"], "targets": n_targets,
         "images": same["images"], "image_tokens_per_image": (grids.prod(-1) // (m * m)).tolist(),
         "packing_efficiency": same["real_tokens"] / (len(packed) * T),
         "padding_efficiency": same["real_tokens"] / (len(padded) * T), "counts": counts, "variants": variants,
         "hf": twin is not None, "reps": args.reps, "dtypes": {}}
-    print(f"model {args.model}: {n_params['total'] / 1e6:.1f}M parameters "
-          f"({ {k: round(v / 1e6, 2) for k, v in n_params.items()} }M), device {device}, {torch.get_num_threads()} threads")
+    print(common.model_line(args.model, n_params, device, 2))
     print(f"{len(samples)} SFT samples, {same['real_tokens']} real tokens ({same['image_tokens']} image tokens in "
           f"{same['images']} images of {min(res['image_tokens_per_image'])}-{max(res['image_tokens_per_image'])} "
           f"tokens, {n_targets} targets): {len(packed)} packed rows of {T} ({res['packing_efficiency']:.1%} full) "
@@ -273,39 +206,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.hf and twin is None:
         print("padded_hf skipped: transformers is not installed (pip install -e '.[test]')")
 
-    def window(name: str, dt: str) -> float:
+    def window(name: str, dt: str, warmup: bool) -> float:
+        n = 1 if warmup else None  # warm-up: the first micro-batch only
         if name == "packed":
-            return packed_window(model, opts["model"], packed, n_targets, device, dt)
+            return packed_window(model, opts["model"], packed[:n], n_targets, device, dt)
         if name == "padded":
-            return padded_window(model, opts["model"], padded, device, dt)
-        return hf_window(twin, opts["twin"], hf_batches, device, dt)
+            return padded_window(model, opts["model"], padded[:n], device, dt)
+        return hf_window(twin, opts["twin"], hf_batches[:n], device, dt)
 
     for dt in dtypes:
-        if args.warmup:  # one micro-batch + optimizer step each: first-touch allocations, kernel selection
-            packed_window(model, opts["model"], packed[:1], n_targets, device, dt)
-            padded_window(model, opts["model"], padded[:1], device, dt)
-            if twin is not None:
-                hf_window(twin, opts["twin"], hf_batches[:1], device, dt)
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        losses: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(args.reps):
-            for name in variants:  # A B C A B C ...
-                _sync(device)
-                t = time.perf_counter()
-                loss = window(name, dt)
-                _sync(device)
-                times[name].append(time.perf_counter() - t)
-                losses[name].append(loss)
-                if args.verbose:
-                    print(f"  [{dt}] {name} window {times[name][-1]:.2f}s", flush=True)
+        times, losses = common.time_windows(window, variants, dt, reps=args.reps, warmup=args.warmup,
+                                            device=device, verbose=args.verbose)
         r: dict[str, Any] = {}
         for name in variants:
-            med = statistics.median(times[name])
-            r[name] = {"times_s": times[name], "median_s": med, "tokens_per_s": same["real_tokens"] / med,
-                       "loss": losses[name][-1]}
-            x = r[name]
-            print(f"[{dt}] {name:9s}: {x['tokens_per_s']:9.1f} real tokens/s  window {med:.2f}s "
-                  f"(runs {', '.join(f'{t:.2f}' for t in times[name])})  loss {x['loss']:.3f}")
+            r[name] = common.window_stats(times[name], losses[name], same["real_tokens"])
+            print(common.window_line(dt, name, r[name], 9))
         r["ratio"] = r["packed"]["tokens_per_s"] / r["padded"]["tokens_per_s"]
         line = f"[{dt}] packed / padded = {r['ratio']:.2f}x (same model code)"
         if twin is not None:
@@ -317,17 +232,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: seq 512, 3 samples, 1 rep, small images and texts, fp32")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "both"), default=None, help="default fp32")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--model", default="qwen2_vl_tiny", help="conf/model name or yaml path of the qwen2_vl family")
-    p.add_argument("--seq-len", type=int, default=None, help="row length (default 2048)")
-    p.add_argument("--samples", type=int, default=None, help="samples in the window (default 8)")
-    p.add_argument("--reps", type=int, default=None, help="timed A/B/C repeats per dtype (default 3)")
-    p.add_argument("--min-words", type=int, default=None, help="prompt words, at least (default 100)")
-    p.add_argument("--max-words", type=int, default=None, help="prompt words, at most (default 1000)")
+    p = common.window_parser(
+        __doc__, quick_help="smoke test: seq 512, 3 samples, 1 rep, small images and texts, fp32",
+        dtype_default=None, dtype_help="default fp32", model_default="qwen2_vl_tiny",
+        model_help="conf/model name or yaml path of the qwen2_vl family", samples_default=8, reps_what="A/B/C",
+        words_help=("prompt words, at least (default 100)", "prompt words, at most (default 1000)"))
     p.add_argument("--answer-words", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="answer words min,max (default 8,64)")
     p.add_argument("--sides", type=lambda s: [int(x) for x in s.split(",")], default=None,
@@ -338,18 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hf", dest="hf", action="store_false", help="leave out the transformers baseline")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every window's time as it ends")
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    common.add_output_args(p)
     a = p.parse_args(argv)
     quick = {"dtype": "fp32", "seq_len": 512, "samples": 3, "reps": 1, "min_words": 20, "max_words": 150,
              "answer_words": [4, 12], "sides": [40, 400], "max_pixels": 28 * 28 * 64}
     full = {"dtype": "fp32", "seq_len": 2048, "samples": 8, "reps": 3, "min_words": 100, "max_words": 1000,
             "answer_words": [8, 64], "sides": [112, 1024], "max_pixels": 28 * 28 * 512}
-    for k, v in (quick if a.quick else full).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    if min(a.seq_len, a.samples, a.reps, a.min_words) < 1 or a.max_words < a.min_words:
-        p.error("--seq-len, --samples, --reps, --min-words must be >= 1 and --max-words >= --min-words")
+    common.fill_defaults(p, a, quick, full)
     for k in ("answer_words", "sides"):
         v = getattr(a, k)
         if len(v) != 2 or not 1 <= v[0] <= v[1]:
@@ -362,11 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
-    return 0 if all(math.isfinite(r[k]["loss"]) for r in res["dtypes"].values() for k in res["variants"]) else 1
+    return common.finish(res, args.json, res["variants"])
 
 
 if __name__ == "__main__":

@@ -34,10 +34,7 @@ dtype capped with RLIMIT_AS so a dense [T,T] path fails cleanly instead of takin
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import math
 import os
 import random
 import resource
@@ -55,27 +52,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import common  # noqa: E402
 from data.loader import RawSample  # noqa: E402
 from data.packing import IGNORE_INDEX, Packer, collate_rows, pad_collate  # noqa: E402
 from data.samples import Sample, SampleBuilder  # noqa: E402
 from train.model.config import QwenVLConfig  # noqa: E402
 from train.model.qwen_vl import QwenVL, shift_targets  # noqa: E402
 
-_WORDS = ("the a of to and in is it that for on with as was be by this at from or an are have not but "
-          "what all were when we there can which their said if do will each about how up out them then she "
-          "many some so these would other into has more her two like him see time could no make than first "
-          "been its who now people my made over did down only way find use may water long little very after "
-          "words called just where most know get through back much before go good new write our used me man "
-          "too any day same right look think also around another came come work three word must because does "
-          "part even place well such here take why things help put years different away again off went old "
-          "number great tell men say small every found still between name should home big give air line set "
-          "own under read last never us left end along while might next sound below saw something thought "
-          "both few those always looked show large often together asked house world going want school important "
-          "until form food keep children feet land side without boy once animals life enough took sometimes "
-          "four head above kind began almost live page got earth need far hand high year mother light parts "
-          "country father let night following picture being study second eyes soon times story boys since white "
-          "days ever paper hard near sentence better best across during today others however sure means knew "
-          "image shows person table window street car tree dog cat red blue green left right top bottom").split()
+VARIANTS = ("packed", "padded")  # timed A B A B ...
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -83,31 +67,12 @@ _WORDS = ("the a of to and in is it that for on with as was be by this at from o
 
 def load_model_config(name: str) -> QwenVLConfig:
     """conf/model/NAME.yaml (or a path to such a file) -> QwenVLConfig."""
-    import yaml
-
-    path = Path(name) if name.endswith(".yaml") else ROOT / "conf" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
-        raise SystemExit(f"--model {name!r}: no file {path} (known: {', '.join(known)})")
-    d = yaml.safe_load(path.read_text()) or {}
+    _, d = common.read_model_yaml(name)
     d.pop("name", None)
     return QwenVLConfig.from_dict(d)
 
 
 # ---------------------------------------------------------------------------------------------- samples
-
-
-def _jpeg(rng: random.Random, w: int, h: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    g = np.random.default_rng(rng.randrange(2**32))
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([(xx * 255 // w), (yy * 255 // h), ((xx + yy) * 127 // (w + h))], -1)
-    arr = np.clip(base + g.integers(-40, 40, (h, w, 3)), 0, 255).astype("uint8")
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
 
 
 def make_samples(n: int, *, image_size: int, seq_len: int, seed: int = 0, min_words: int = 100,
@@ -119,14 +84,10 @@ def make_samples(n: int, *, image_size: int, seq_len: int, seed: int = 0, min_wo
     for i in range(n):
         words = rng.randint(min_words, max_words)
         n_q = max(5, words // 10)
-
-        def text(k: int) -> str:
-            return " ".join(rng.choice(_WORDS) for _ in range(k)).capitalize() + "."
-
-        conv = [{"from": "user", "value": f"Picture 1: <img>img0.jpg</img>\n{text(n_q)}"},
-                {"from": "assistant", "value": text(words - n_q)}]
+        conv = [{"from": "user", "value": f"Picture 1: <img>img0.jpg</img>\n{common.sentence(rng, n_q)}"},
+                {"from": "assistant", "value": common.sentence(rng, words - n_q)}]
         raw = RawSample(key=f"s{i:04d}", meta={"task": "chat", "conversations": conv},
-                        files={"img0.jpg": _jpeg(rng, 640, 480)}, source="bench", url="bench", index=i)
+                        files={"img0.jpg": common.jpeg(rng, 640, 480)}, source="bench", url="bench", index=i)
         out.append(builder(raw))
     return out
 
@@ -159,30 +120,16 @@ def _collate_kw(cfg: QwenVLConfig) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------- the steps
 
 
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def packed_window(model: QwenVL, opt: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
                   n_targets: int, device: torch.device, dtype: str) -> float:
     """Project path: every packed row one micro-batch, token-weighted loss, one optimizer step."""
-    total = 0.0
-    for b in batches:
-        with _autocast(device, dtype):
-            out = model(input_ids=b["input_ids"], labels=b["labels"], pixel_values=b["pixel_values"],
-                        segment_ids=b["segment_ids"], position_ids=b["position_ids"])
-        loss = out.loss_sum / n_targets
-        loss.backward()
-        total += loss.detach()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(total)
+
+    def loss_of(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(input_ids=b["input_ids"], labels=b["labels"], pixel_values=b["pixel_values"],
+                    segment_ids=b["segment_ids"], position_ids=b["position_ids"])
+        return out.loss_sum / n_targets
+
+    return common.accumulate_window(opt, batches, loss_of, device, dtype)
 
 
 def _rotary(T: int, d: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,15 +183,12 @@ def official_loss(model: QwenVL, input_ids: torch.Tensor, labels: torch.Tensor, 
 def padded_window(model: QwenVL, opt: torch.optim.Optimizer, batches: list[dict[str, torch.Tensor]],
                   device: torch.device, dtype: str) -> float:
     """Official path: one padded sample per micro-batch, mean loss / grad_accum, one optimizer step."""
-    total = 0.0
-    for b in batches:
-        with _autocast(device, dtype):
-            loss = official_loss(model, b["input_ids"], b["labels"], b["pixel_values"], b["segment_ids"] != 0)
-        (loss / len(batches)).backward()
-        total += float(loss.detach()) / len(batches)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return total
+
+    def loss_of(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = official_loss(model, b["input_ids"], b["labels"], b["pixel_values"], b["segment_ids"] != 0)
+        return loss / len(batches)
+
+    return common.accumulate_window(opt, batches, loss_of, device, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- flops
@@ -303,17 +247,12 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int
     a @ b
     ts = []
     for _ in range(reps):
-        _sync(device)
+        common.sync(device)
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        common.sync(device)
         ts.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(ts)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -328,14 +267,14 @@ def mem_child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = QwenVL(cfg).to(device).train()
     model.visual.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = common.adamw(model)
     longest = max(args.mem_seqs)
     samples = remap_ids(make_samples(max(2, min(longest, 8192) // 1000), image_size=cfg.vision.image_size,
                                      seq_len=min(min(args.mem_seqs), 2048), seed=1), cfg)
     kw = _collate_kw(cfg)
-    small = _to(collate_rows([samples[:1]], len(samples[0].input_ids), **kw), device)
+    small = common.to_device(collate_rows([samples[:1]], len(samples[0].input_ids), **kw), device)
     packed_window(model, opt, [small], 1, device, args.dtype)  # allocates optimizer state and grads once
-    _sync(device)
+    common.sync(device)
     base = (torch.cuda.memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     for T in sorted(args.mem_seqs):
@@ -345,13 +284,13 @@ def mem_child(args: argparse.Namespace) -> None:
             if n + len(s.input_ids) <= T:
                 row.append(s)
                 n += len(s.input_ids)
-        batch = _to(collate_rows([row], T, **kw), device)
+        batch = common.to_device(collate_rows([row], T, **kw), device)
         n_t = int((shift_targets(batch["labels"], batch["segment_ids"]) != IGNORE_INDEX).sum())
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         packed_window(model, opt, [batch], n_t, device, args.dtype)
-        _sync(device)
+        common.sync(device)
         dt = time.perf_counter() - t
         peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
@@ -393,10 +332,7 @@ def run_memory(args: argparse.Namespace, dtype: str) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here")
-    dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
+    device, dtypes = common.device_and_dtypes(args)
     res = {"dtypes": {}} if args.memory_only else run_steps(args, device, dtypes)
     if args.memory:
         res["memory"] = {}
@@ -425,8 +361,8 @@ def run_steps(args: argparse.Namespace, device: torch.device, dtypes: list[str])
                                      min_words=args.min_words, max_words=args.max_words), cfg)
     kw = _collate_kw(cfg)
     rows = Packer(T, buffer_size=len(samples), img_start_id=cfg.ids.img_start, check=kw["check"]).pack_all(samples)
-    packed = [_to(collate_rows([r], T, **kw), device) for r in rows]
-    padded = [_to(pad_collate([s], T, **kw), device) for s in samples]
+    packed = [common.to_device(collate_rows([r], T, **kw), device) for r in rows]
+    padded = [common.to_device(pad_collate([s], T, **kw), device) for s in samples]
     n_targets = sum(int((shift_targets(b["labels"], b["segment_ids"]) != IGNORE_INDEX).sum()) for b in packed)
     work = Work(real_tokens=sum(len(s.input_ids) for s in samples), targets=n_targets,
                 images=sum(len(s.images) for s in samples), seg_lens=[len(s.input_ids) for s in samples])
@@ -434,76 +370,55 @@ def run_steps(args: argparse.Namespace, device: torch.device, dtypes: list[str])
     model = QwenVL(cfg).to(device).train()
     model.visual.requires_grad_(False)  # official finetune.py --fix_vit True (the stage-3 default)
     flops, formula = flops_of(model, cfg, work)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = common.adamw(model)
     n_params = model.num_parameters()
     res: dict[str, Any] = {
-        "model": args.model, "params": n_params, "device": str(device), "threads": torch.get_num_threads(),
-        "seq_len": T, "samples": len(samples), "packed_rows": len(packed), "padded_rows": len(padded),
+        **common.result_head(args, n_params, device, len(samples), len(packed), len(padded)),
         "real_tokens": work.real_tokens, "targets": n_targets, "images": work.images,
         "packing_efficiency": work.real_tokens / (len(packed) * T), "padding_efficiency": work.real_tokens /
         (len(padded) * T), "flops_per_window": flops, "flop_formula": formula, "reps": args.reps, "dtypes": {}}
-    print(f"model {args.model}: {n_params['total'] / 1e6:.1f}M parameters ({ {k: round(v / 1e6, 1) for k, v in n_params.items()} }M), "
-          f"device {device}, {torch.get_num_threads()} threads")
+    print(common.model_line(args.model, n_params, device, 1))
     print(f"{len(samples)} samples, {work.real_tokens} real tokens ({n_targets} targets): {len(packed)} packed rows "
           f"of {T} ({res['packing_efficiency']:.1%} full) vs {len(padded)} padded rows ({res['padding_efficiency']:.1%})")
     print(f"FLOPs per window {flops / 1e12:.3f} TFLOP: {formula}")
+
+    def window(name: str, dt: str, warmup: bool) -> float:
+        if name == "packed":
+            return packed_window(model, opt, packed[:1] if warmup else packed, n_targets, device, dt)
+        return padded_window(model, opt, padded[:1] if warmup else padded, device, dt)
+
     for dt in dtypes:
         tdt = torch.float32 if dt == "fp32" else torch.bfloat16
         peaks = [gemm_peak(tdt, device, args.gemm_n, args.gemm_reps)]
-        if args.warmup:  # one micro-batch + optimizer step each: first-touch allocations, kernel selection
-            packed_window(model, opt, packed[:1], n_targets, device, dt)
-            padded_window(model, opt, padded[:1], device, dt)
-        times: dict[str, list[float]] = {"packed": [], "padded": []}
-        losses: dict[str, list[float]] = {"packed": [], "padded": []}
-        for _ in range(args.reps):
-            for name in ("packed", "padded"):  # A B A B ...
-                _sync(device)
-                t = time.perf_counter()
-                loss = (packed_window(model, opt, packed, n_targets, device, dt) if name == "packed"
-                        else padded_window(model, opt, padded, device, dt))
-                _sync(device)
-                times[name].append(time.perf_counter() - t)
-                losses[name].append(loss)
-                if args.verbose:
-                    print(f"  [{dt}] {name} window {times[name][-1]:.2f}s", flush=True)
+        times, losses = common.time_windows(window, VARIANTS, dt, reps=args.reps, warmup=args.warmup,
+                                            device=device, verbose=args.verbose)
         peaks.append(gemm_peak(tdt, device, args.gemm_n, args.gemm_reps))
         peak = statistics.median(peaks)
         r: dict[str, Any] = {"gemm_peak_flops": peak, "gemm_peaks": peaks}
-        for name in ("packed", "padded"):
-            med = statistics.median(times[name])
-            r[name] = {"times_s": times[name], "median_s": med, "tokens_per_s": work.real_tokens / med,
-                       "flops_per_s": flops / med, "mfu": flops / med / peak, "loss": losses[name][-1]}
+        for name in VARIANTS:
+            r[name] = common.window_stats(times[name], losses[name], work.real_tokens, flops=flops, peak=peak)
         r["ratio"] = r["packed"]["tokens_per_s"] / r["padded"]["tokens_per_s"]
         res["dtypes"][dt] = r
         print(f"[{dt}] matmul peak ({args.gemm_n}^3 GEMM, median of before/after) {peak / 1e9:.1f} GFLOP/s "
               f"({', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
-        for name in ("packed", "padded"):
+        for name in VARIANTS:
             x = r[name]
-            print(f"[{dt}] {name:6s}: {x['tokens_per_s']:9.1f} real tokens/s  window {x['median_s']:.2f}s "
-                  f"(runs {', '.join(f'{t:.2f}' for t in x['times_s'])})  {x['flops_per_s'] / 1e9:.1f} GFLOP/s  "
-                  f"MFU {x['mfu']:.1%}  loss {x['loss']:.3f}")
+            flops_text = f"{x['flops_per_s'] / 1e9:.1f} GFLOP/s  MFU {x['mfu']:.1%}  "
+            print(common.window_line(dt, name, x, 6, flops_text))
         print(f"[{dt}] packed / padded = {r['ratio']:.2f}x")
     if len(dtypes) == 2:
         res["bf16_over_fp32"] = {k: res["dtypes"]["bf16"][k]["tokens_per_s"] / res["dtypes"]["fp32"][k]["tokens_per_s"]
-                                 for k in ("packed", "padded")}
+                                 for k in VARIANTS}
         print(f"bf16 / fp32 tokens/s: packed {res['bf16_over_fp32']['packed']:.2f}x, "
               f"padded {res['bf16_over_fp32']['padded']:.2f}x")
     return res
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke test: micro_small_vocab model, seq 512, 2 samples, 1 rep, small GEMM, memory of "
-                        "the last dtype only")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--model", default=None, help="conf/model name or yaml path (default bench100m)")
-    p.add_argument("--seq-len", type=int, default=None, help="row length (default 2048)")
-    p.add_argument("--samples", type=int, default=None, help="samples in the window (default 6)")
-    p.add_argument("--reps", type=int, default=None, help="timed A/B repeats per dtype (default 3)")
-    p.add_argument("--min-words", type=int, default=None)
-    p.add_argument("--max-words", type=int, default=None)
+    p = common.window_parser(
+        __doc__, quick_help="smoke test: micro_small_vocab model, seq 512, 2 samples, 1 rep, small GEMM, memory of "
+        "the last dtype only", dtype_default="both", dtype_help=None, model_default=None,
+        model_help="conf/model name or yaml path (default bench100m)", samples_default=6, reps_what="A/B")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--no-memory", dest="memory", action="store_false")
@@ -513,8 +428,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated row lengths of the memory runs (default 2048,8192,32768)")
     p.add_argument("--gemm-n", type=int, default=None, help="size of the peak GEMM (default 2048)")
     p.add_argument("--gemm-reps", type=int, default=None, help="timed GEMMs before and after each dtype (default 5)")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every window's time as it ends")
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    common.add_output_args(p)
     p.add_argument("--_mem-child", dest="mem_child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     quick = {"model": "micro_small_vocab", "seq_len": 512, "samples": 2, "reps": 1, "min_words": 50,
@@ -522,11 +436,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "gemm_reps": 2}
     full = {"model": "bench100m", "seq_len": 2048, "samples": 6, "reps": 3, "min_words": 100, "max_words": 1200,
             "mem_model": "tiny", "mem_seqs": [2048, 8192, 32768], "gemm_n": 2048, "gemm_reps": 5}
-    for k, v in (quick if a.quick else full).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    if min(a.seq_len, a.samples, a.reps, a.min_words) < 1 or a.max_words < a.min_words:
-        p.error("--seq-len, --samples, --reps, --min-words must be >= 1 and --max-words >= --min-words")
+    common.fill_defaults(p, a, quick, full)
     return a
 
 
@@ -535,12 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mem_child:
         mem_child(args)
         return 0
-    res = run(args)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
-        print(f"wrote {args.json}")
-    return 0 if all(math.isfinite(r[k]["loss"]) for r in res["dtypes"].values() for k in ("packed", "padded")) else 1
+    return common.finish(run(args), args.json, VARIANTS)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ vocabulary) exported in the official layout, and small PNG images."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def tiny_cfg(*extra: str):  # noqa: ANN201 - DictConfig
@@ -35,3 +36,12 @@ def write_image(path: Path, size: tuple[int, int] = (64, 48), color: tuple[int, 
     im.paste(color, (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
     im.save(path)
     return path
+
+
+def box_png(size: tuple[int, int], box: tuple[int, int, int, int], color: str) -> bytes:
+    """PNG bytes: a white image with one filled rectangle (a grounding / colour-question sample)."""
+    im = Image.new("RGB", size, "white")
+    ImageDraw.Draw(im).rectangle(box, fill=color)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()

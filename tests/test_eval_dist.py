@@ -3,28 +3,18 @@ in-process API (`evaluate_tasks`, `baseline_scores`) agrees with the command lin
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 
 import pytest
-from infer_helpers import export_tiny
+from infer_helpers import box_png, export_tiny
 from launching import clean_env, run_group
-from PIL import Image, ImageDraw
 
 from data.boxes import normalize_box
 from data.shards import ShardWriter
 
 TIMEOUT = 420
 pytestmark = pytest.mark.slow  # a 2-process torchrun
-
-
-def _png(size: tuple[int, int], box: tuple[int, int, int, int], color: str) -> bytes:
-    im = Image.new("RGB", size, "white")
-    ImageDraw.Draw(im).rectangle(box, fill=color)
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +27,11 @@ def setup(tmp_path_factory):
         for i, c in enumerate(colors):
             size, box = (64 + 8 * i, 48), (4 + i, 6, 30 + 2 * i, 40)
             w.write(f"r{i}", {"task": "ref_grounding", "lang": "en", "source": "t", "expression": f"the {c} box",
-                              "box": list(normalize_box(box, *size))}, [("png", _png(size, box, c))])
+                              "box": list(normalize_box(box, *size))}, [("png", box_png(size, box, c))])
     with ShardWriter(d / "vqa", max_samples=3) as w:
         for i, c in enumerate(colors):
             w.write(f"v{i}", {"task": "vqa", "lang": "en", "source": "t", "question": "What color is the box?" + "?" * i,
-                              "answers": [c]}, [("png", _png((40, 40), (5, 5, 30, 30), c))])
+                              "answers": [c]}, [("png", box_png((40, 40), (5, 5, 30, 30), c))])
     return d
 
 

@@ -6,12 +6,11 @@ default mode does."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
+from infer_helpers import box_png
 
 from data.boxes import normalize_box
 from data.shards import ShardWriter
@@ -22,14 +21,6 @@ TASKS = ["ref_grounding", "vqa"]
 MAX_NEW = 5
 
 
-def _png(size: tuple[int, int], box: tuple[int, int, int, int], color: str) -> bytes:
-    im = Image.new("RGB", size, "white")
-    ImageDraw.Draw(im).rectangle(box, fill=color)
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pe")
@@ -37,11 +28,11 @@ def shards(tmp_path_factory) -> Path:
         for i, c in enumerate(COLORS):
             size, box = (64 + 8 * i, 48), (4 + i, 6, 30 + 2 * i, 40)
             w.write(f"r{i}", {"task": "ref_grounding", "lang": "en", "source": "t", "expression": f"the {c} box",
-                              "box": list(normalize_box(box, *size))}, [("png", _png(size, box, c))])
+                              "box": list(normalize_box(box, *size))}, [("png", box_png(size, box, c))])
     with ShardWriter(d / "vqa", max_samples=2) as w:
         for i, c in enumerate(COLORS):
             w.write(f"v{i}", {"task": "vqa", "lang": "en", "source": "t", "question": "What color is the box?",
-                              "answers": [c]}, [("png", _png((40, 40), (5, 5, 30, 30), c))])
+                              "answers": [c]}, [("png", box_png((40, 40), (5, 5, 30, 30), c))])
     return d
 
 
