@@ -83,7 +83,8 @@ def test_a_rank_without_image_meets_a_rank_with_one():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine,recipe,launcher,extra", [
-    ("zero2", "demo_stage2", "torchrun", []),
+    # 2-process ZeRO-2 also runs in the default suite in test_token_weighting.py and test_nonfinite.py
+    pytest.param("zero2", "demo_stage2", "torchrun", [], marks=pytest.mark.extended),
     ("zero3", "demo_stage2", "deepspeed", []),
     # frozen ViT (no autograd graph) + a rank without image; the frozen-ViT-and-adapter case below covers it too
     pytest.param("zero3", "demo_stage3", "torchrun", [], marks=pytest.mark.extended),
