@@ -86,7 +86,10 @@ def test_slurm(tmp_path):
     # a stub `scontrol` that expands the node list the way SLURM does
     stub = tmp_path / "bin"
     stub.mkdir()
-    (stub / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu-017\\ngpu-018\\n'\n")
+    # ... and then many more hosts: a reader that stops after the first line (head -n 1) would kill it with
+    # SIGPIPE, which `set -o pipefail` turns into exit 141 (a race that large node lists make likely)
+    (stub / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'gpu-017\\ngpu-018\\n'\n"
+                                   "for i in $(seq 20000); do echo gpu-x$i; done\n")
     (stub / "scontrol").chmod(0o755)
     env = {"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu-[017-018]", "SLURM_JOB_ID": "4242",
            "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": str(ROOT), "PATH": f"{stub}:{os.environ['PATH']}"}
