@@ -61,17 +61,25 @@ def layout_from_dict(d: dict[str, Any] | None) -> Layout | None:
     return None if d is None else Layout(**d)
 
 
+def parse_meta(key: str, raw: bytes) -> dict[str, Any] | tuple[str, str, str]:
+    """A sample's ``KEY.json`` as a dict, or the (reason, member, detail) that skips it (either layout)."""
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return ("bad_json", f"{key}.json", str(e))
+    if not isinstance(meta, dict):
+        return ("bad_json", f"{key}.json", f"metadata is {type(meta).__name__}, not an object")
+    return meta
+
+
 def convert_img2dataset(key: str, meta_raw: bytes | None, files: dict[str, bytes], layout: Layout,
                         source: str) -> tuple[dict[str, Any], dict[str, bytes]] | tuple[str, str, str]:
     """(meta, files) in the project's layout, or (reason, member, detail) when the sample is unusable."""
     meta: dict[str, Any] = {}
     if meta_raw is not None:
-        try:
-            parsed = json.loads(meta_raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            return ("bad_json", f"{key}.json", str(e))
-        if not isinstance(parsed, dict):
-            return ("bad_json", f"{key}.json", f"metadata is {type(parsed).__name__}, not an object")
+        parsed = parse_meta(key, meta_raw)
+        if isinstance(parsed, tuple):
+            return parsed
         meta = parsed
     images = [e for e in IMAGE_EXTS if e in files]
     if len(images) != 1:
@@ -101,4 +109,5 @@ def convert_img2dataset(key: str, meta_raw: bytes | None, files: dict[str, bytes
     return out, {f"img0.{ext}": files[ext]}
 
 
-__all__ = ["IMG2DATASET_TASKS", "LAYOUTS", "Layout", "convert_img2dataset", "layout_from_dict", "make_layout"]
+__all__ = ["IMG2DATASET_TASKS", "LAYOUTS", "Layout", "convert_img2dataset", "layout_from_dict", "make_layout",
+           "parse_meta"]

@@ -56,7 +56,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from data import remote
-from data.layouts import Layout, convert_img2dataset, layout_from_dict, make_layout
+from data.layouts import Layout, convert_img2dataset, layout_from_dict, make_layout, parse_meta
 from data.sanity import key_problem
 
 logger = logging.getLogger(__name__)
@@ -280,12 +280,9 @@ def _parse_group(shard: _Shard, key: str, members: list, source: str, index: int
                          layout=layout.to_dict())
     if meta_raw is None:
         return ("missing_json", f"{key}.json", f"sample {key!r} has members {[m[0] for m in members]} but no json")
-    try:
-        meta = json.loads(meta_raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return ("bad_json", f"{key}.json", str(e))
-    if not isinstance(meta, dict):
-        return ("bad_json", f"{key}.json", f"metadata is {type(meta).__name__}, not an object")
+    meta = parse_meta(key, meta_raw)
+    if isinstance(meta, tuple):
+        return meta
     listed = meta.get("images", [])
     missing = [e for e in listed if e not in files] if isinstance(listed, list) else ["<images not a list>"]
     if missing:

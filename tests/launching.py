@@ -29,14 +29,21 @@ def clean_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
 HANG_TIMEOUT = float(os.environ.get("QWENVL_TEST_HANG_TIMEOUT", "900"))
 
 
-def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def finish_group(p: subprocess.Popen, timeout: float, what: str) -> str:
+    """The output of `p` (started with start_new_session=True); on timeout its whole group is killed and the
+    test fails naming `what`."""
     timeout = max(timeout, HANG_TIMEOUT)
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         out, _ = p.communicate()
-        pytest.fail(f"{cmd[:4]} timed out after {timeout}s (a collective hang?)\n{out[-4000:]}")
+        pytest.fail(f"{what} timed out after {timeout}s (a collective hang?)\n{out[-4000:]}")
+    return out
+
+
+def run_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    out = finish_group(p, timeout, str(cmd[:4]))
     return subprocess.CompletedProcess(cmd, p.returncode, out, "")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from launching import HANG_TIMEOUT, ROOT, clean_env
+from launching import HANG_TIMEOUT, ROOT, clean_env, finish_group
 from test_img2dataset import CAPTIONS, write_img2dataset_shard
 
 from data.loader import LoaderError
@@ -67,13 +67,7 @@ def _run(args: list[str], **kw) -> subprocess.Popen:
 
 
 def _finish(p: subprocess.Popen) -> str:
-    try:
-        out, _ = p.communicate(timeout=HANG_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, _ = p.communicate()
-        pytest.fail(f"the run hung\n{out[-4000:]}")
-    return out
+    return finish_group(p, HANG_TIMEOUT, "the run")
 
 
 def test_cli_run_on_unusable_shards_exits_with_the_reason(tmp_path):
