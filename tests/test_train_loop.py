@@ -51,6 +51,22 @@ def test_loss_decreases_and_metrics_logged(tmp_path, capsys):
     assert (ck / "latest").read_text().strip() == "step_00000016"
 
 
+def test_wandb_mode_auto_follows_wandb_mode_then_the_api_key(monkeypatch):
+    from train.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "Disabled")
+    assert wandb_mode("auto") == "disabled"
+    assert wandb_mode("offline") == "offline"  # the config's explicit choice wins
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ValueError, match="WANDB_MODE='sometimes'"):
+        wandb_mode("auto")
+
+
 def test_wandb_offline_run_has_the_metrics(tmp_path, monkeypatch):
     """What the loop hands W&B (through its public Run.log) equals metrics.jsonl, and the run is finished and
     W&B's service torn down (files flushed) when train() returns."""

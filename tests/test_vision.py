@@ -57,8 +57,10 @@ def test_parameter_names_and_bigg_geometry():
     assert names == expect
     with torch.device("meta"):
         big = VisionTower(VisionConfig())
+        # open_clip's own block at bigG geometry: the same parameter names and shapes
+        ref = ResidualAttentionBlock(1664, 16, mlp_ratio=(8192 + 0.5) / 1664, norm_layer=partial(LayerNorm, eps=1e-6))
     blk = big.transformer.resblocks[0]
-    assert isinstance(blk, ResidualAttentionBlock)
+    assert {k: v.shape for k, v in blk.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert big.positional_embedding.shape == (256, 1664)
     assert big.conv1.weight.shape == (1664, 3, 14, 14) and big.conv1.bias is None
     assert blk.mlp.c_fc.weight.shape == (8192, 1664) and blk.attn.num_heads == 16

@@ -176,7 +176,7 @@ class EngineConf:
 
 @dataclass
 class WandbConf:
-    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    mode: str = "auto"  # online|offline|disabled|auto: WANDB_MODE, else online iff WANDB_API_KEY, else offline
     project: str = "qwen-vl"  # W&B project
     entity: str | None = None  # W&B entity (team or user); None: your default entity
     name: str | None = None  # W&B run name; None: run_name

@@ -22,9 +22,16 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 def wandb_mode(mode: str) -> str:
-    if mode == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return mode
+    """`auto`: W&B's own WANDB_MODE when set (online | offline | disabled), else online with WANDB_API_KEY,
+    else offline. An explicit mode in the config wins over the environment."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        if env not in ("online", "offline", "disabled"):
+            raise ValueError(f"WANDB_MODE={env!r}: logging.wandb.mode=auto takes online, offline or disabled from it")
+        return env
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Qwen-VL model package: configs, vision tower, adapter, decoder, loss and the multimodal glue.
 
 Submodules are imported lazily so that `from train.model.config import ...` stays cheap
-(the vision tower pulls in open_clip).
+(the model pulls in torch).
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
-"""Vision encoder: OpenCLIP ViT-bigG/14 geometry on open_clip's own transformer blocks.
+"""Vision encoder: OpenCLIP ViT-bigG/14 geometry, with open_clip's block layout and parameter names.
 
 Differences from open_clip's `VisionTransformer` (all required by Qwen-VL, SPEC §1): no class token,
 the positional table is stored for `pos_grid` (16x16, 224 px) and bicubically resized to the actual
 patch grid at run time, and the output is every patch token after the last block (no pooling, no
 `ln_post`: that LayerNorm belongs to the adapter). Extras for training: stochastic depth, optional
 window attention, activation checkpointing.
+
+The blocks are written here rather than imported from open_clip: importing open_clip pulls in transformers,
+timm, torchvision and torch._dynamo (~7 s per process start), which every training process would pay for four
+small classes. tests/test_vision.py checks them against open_clip's own VisionTransformer.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import LayerNorm, ResidualAttentionBlock, Transformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -53,8 +56,16 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * mask / keep
 
 
-class VisionBlock(ResidualAttentionBlock):
-    """open_clip's pre-LN block (same parameters and names) plus stochastic depth and window attention."""
+class LayerNorm(nn.LayerNorm):
+    """open_clip's LayerNorm: the result cast back to the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class VisionBlock(nn.Module):
+    """open_clip's pre-LN `ResidualAttentionBlock` (same parameters and names: ln_1, attn, ln_2, mlp.c_fc,
+    mlp.c_proj; no layer scale, as in ViT-bigG) plus stochastic depth and window attention."""
 
     def __init__(
         self,
@@ -65,19 +76,21 @@ class VisionBlock(ResidualAttentionBlock):
         drop_path_rate: float = 0.0,
         window_size: int = 0,
     ):
-        # +0.5 so int(width * ratio) inside open_clip lands exactly on mlp_width (8192 for bigG).
-        super().__init__(
-            width,
-            heads,
-            mlp_ratio=(mlp_width + 0.5) / width,
-            act_layer=nn.GELU,  # exact (erf) GELU
-            norm_layer=partial(LayerNorm, eps=ln_eps),
-            batch_first=True,
-        )
-        if self.mlp.c_fc.out_features != mlp_width:
-            raise ValueError(f"MLP width {self.mlp.c_fc.out_features} != requested {mlp_width}")
+        super().__init__()
+        self.ln_1 = LayerNorm(width, eps=ln_eps)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = LayerNorm(width, eps=ln_eps)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, mlp_width)),
+            ("gelu", nn.GELU()),  # exact (erf) GELU
+            ("c_proj", nn.Linear(mlp_width, width)),
+        ]))
         self.drop_path_rate = float(drop_path_rate)
         self.window_size = int(window_size)
+
+    def attention(self, q_x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        attn_mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None
+        return self.attn(q_x, q_x, q_x, need_weights=False, attn_mask=attn_mask)[0]
 
     def forward(
         self,
@@ -96,8 +109,8 @@ class VisionBlock(ResidualAttentionBlock):
             a = self._window_attention(h, grid)
         else:
             a = self.attention(q_x=h, attn_mask=attn_mask)
-        x = q_x + drop_path(self.ls_1(a), self.drop_path_rate, self.training)
-        return x + drop_path(self.ls_2(self.mlp(self.ln_2(x))), self.drop_path_rate, self.training)
+        x = q_x + drop_path(a, self.drop_path_rate, self.training)
+        return x + drop_path(self.mlp(self.ln_2(x)), self.drop_path_rate, self.training)
 
     def _window_attention(self, h: torch.Tensor, grid: int) -> torch.Tensor:
         """Attention inside non-overlapping ws x ws windows; the grid is zero-padded to a multiple of
@@ -123,6 +136,17 @@ class VisionBlock(ResidualAttentionBlock):
         return out[:, :grid, :grid].reshape(n, length, d)
 
 
+class BlockStack(nn.Module):
+    """open_clip's `Transformer` container as far as the state dict and callers see it: `resblocks`, `layers`,
+    `grad_checkpointing` (the tower runs the loop itself)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.resblocks = nn.ModuleList(blocks)
+        self.layers = len(self.resblocks)
+        self.grad_checkpointing = False
+
+
 class VisionTower(nn.Module):
     """ViT-bigG/14 without class token; `forward(pixels [N,3,S,S]) -> [N, (S/patch)**2, width]`."""
 
@@ -137,15 +161,12 @@ class VisionTower(nn.Module):
         scale = cfg.width**-0.5  # open_clip's init for the positional table
         self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.pos_grid**2, cfg.width))
         self.ln_pre = LayerNorm(cfg.width, eps=cfg.ln_eps)
-        # open_clip's container (attribute names, grad_checkpointing flag); blocks are our subclass.
-        self.transformer = Transformer(cfg.width, 0, cfg.heads, norm_layer=partial(LayerNorm, eps=cfg.ln_eps))
         # linearly increasing stochastic depth, 0 for the first block (pure Python: meta-device safe)
         rates = [cfg.drop_path * i / max(cfg.layers - 1, 1) for i in range(cfg.layers)]
-        self.transformer.resblocks = nn.ModuleList(
+        self.transformer = BlockStack(
             VisionBlock(cfg.width, cfg.heads, cfg.mlp_width, cfg.ln_eps, rates[i], cfg.window_size)
             for i in range(cfg.layers)
         )
-        self.transformer.layers = cfg.layers
         self.transformer.grad_checkpointing = bool(cfg.grad_checkpointing)
 
     @torch.jit.ignore
