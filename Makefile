@@ -22,17 +22,19 @@ fonts:
 java:
 	-command -v java >/dev/null || (command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) || echo "warning: no Java: caption metrics (CIDEr/BLEU) will be skipped"
 
-# pytest exits 5 when it collected no tests: that is a failure here, not a pass
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass. TEST_JOBS pytest-xdist workers,
+# a test file per worker at a time (module fixtures built once); TEST_JOBS=0 runs everything in this process
+TEST_JOBS ?= 2
 test: setup
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q tests -n $(TEST_JOBS) --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 # the long tests the default suite leaves out (other engine / family combinations of what it covers)
 test-extended: setup
 	$(PY) -m pytest -q tests -m extended
 
-# the same suite in a random order (pytest-random-order): tests must not depend on each other
+# the same suite in a random order (pytest-random-order), in one process: tests must not depend on each other
 test-random: setup
-	$(PY) -m pytest -q tests -p random_order --random-order
+	$(PY) -m pytest -q tests -p random_order --random-order -p no:xdist
 
 # the main job: build the embedded demo corpus, then stage 1 -> 2 -> 3 on the CPU with a tiny model, then the
 # official evaluators on held-out samples (before / after / trivial baseline) with example PNGs

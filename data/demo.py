@@ -19,6 +19,7 @@ CLI: python -m data.demo --out DIR [--seed S] [--scale X] [--force]
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import os
@@ -735,10 +736,20 @@ def _stamp(seed: int, scale: float) -> dict[str, Any]:
 
 def build_demo(out_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0, scale: float = 1.0,
                force: bool = False) -> dict[str, Any]:
-    """Build (or reuse, if the stamp matches) the demo corpus; returns the manifest dict."""
+    """Build (or reuse, if the stamp matches) the demo corpus; returns the manifest dict.
+
+    Two processes building the same directory at once (two demos, parallel tests) take turns on a lock file:
+    the second finds the first one's stamp and reuses its corpus instead of swapping directories under it."""
     if scale <= 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".demo_build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also if this process dies)
+        return _build_locked(root, seed, scale, force)
+
+
+def _build_locked(root: Path, seed: int, scale: float, force: bool) -> dict[str, Any]:
     stamp_path, manifest_path = root / ".demo_stamp.json", root / "demo_manifest.json"
     if not force and stamp_path.exists() and manifest_path.exists():
         try:
@@ -748,7 +759,6 @@ def build_demo(out_dir: str | os.PathLike = DEFAULT_DIR, seed: int = 0, scale: f
             pass  # corrupt stamp: rebuild
     src = Sources()
     n_train, n_pre, n_held = _counts(scale)
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".build-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     manifest: dict[str, Any] = {**_stamp(seed, scale), "train": {}, "pretrain": None, "heldout": {}}

@@ -60,6 +60,19 @@ def test_idempotent_stamp_and_rebuild_on_change(demo, tmp_path):
     assert tree_digest(out) != tree_digest(demo[0])
 
 
+def test_two_builds_of_one_directory_at_once_take_turns(demo, tmp_path):
+    """Two demos (or two test workers) building the same directory at the same time: one builds, the other
+    waits and reuses it; neither sees the other's half-swapped directories."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "shared"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: build_demo(out, seed=0, scale=SCALE), range(2)))
+    assert results[0] == results[1] == demo[1]
+    assert tree_digest(out) == tree_digest(demo[0])
+    assert not list(out.glob(".build-*"))
+
+
 def test_every_task_split_and_language_present(demo):
     root, manifest = demo
     assert set(manifest["train"]) == set(TASKS) and set(manifest["heldout"]) == set(TASKS)

@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from train.config import ConfigError, load_config, strip_launcher_args, to_yaml
-from train.distributed import env_world, prepare_env
+from train.distributed import destroy, env_world, prepare_env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(cfg)
+        # tear the process group down here, not in the interpreter's exit: gloo's C++ threads destroyed
+        # during exit can abort a rank after a finished run ("terminate called without an active exception")
+        destroy()
     except ConfigError as err:  # an input path checked at start-up (before the model is built)
         print(f"config error: {err}", file=sys.stderr)
         return 2
